@@ -1,0 +1,215 @@
+"""The `minimoe` command: train, generate, zoo, bench.  `minimoe SUBCOMMAND --help` for each."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one clear line on stderr (and exit status 2), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="minimoe", description="Train, sample and measure small dense and MoE language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model on the built-in corpus or your own text files",
+                       description="Train a model; the checkpoint folder gets config.json + model.safetensors.")
+    t.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (and resume from)")
+    t.add_argument("--recipe", default="dense-tiny", help="zoo recipe whose sizes and settings to start from")
+    t.add_argument("--data", nargs="+", type=Path, metavar="PATH",
+                   help="your own text files or folders instead of the built-in corpus")
+    for name, typ in (("d-model", _positive_int), ("n-layers", _positive_int), ("n-heads", _positive_int),
+                      ("n-kv-heads", _positive_int), ("max-seq-len", _positive_int)):
+        t.add_argument(f"--{name}", type=typ, help="override the recipe's model size")
+    for name, typ in (("steps", _positive_int), ("batch-size", _positive_int), ("seq-len", _positive_int),
+                      ("batch-tokens", _positive_int), ("lr", float), ("warmup-steps", int),
+                      ("eval-every", _positive_int), ("checkpoint-every", _positive_int), ("seed", int)):
+        t.add_argument(f"--{name}", type=typ, help="override the recipe's training setting")
+    t.add_argument("--schedule", choices=["cosine", "linear", "constant"])
+    t.add_argument("--precision", choices=["fp32", "bf16"])
+    t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ...")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint folder or a zoo model",
+                       description="Continue a prompt with a trained model.")
+    g.add_argument("model", help="checkpoint folder, or the name of a zoo model (see `minimoe zoo list`)")
+    g.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=_positive_int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+
+    z = sub.add_parser("zoo", help="list, train or locate the named models the book uses",
+                       description="The zoo: named recipes trained on demand and cached in $MINIMOE_CACHE.")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser, metavar="ACTION")
+    zsub.add_parser("list", help="recipes and whether each is cached")
+    zt = zsub.add_parser("train", help="train a recipe into the cache")
+    zt.add_argument("name")
+    zt.add_argument("--force", action="store_true", help="retrain even if cached")
+    zp = zsub.add_parser("path", help="print a recipe's cache folder")
+    zp.add_argument("name")
+
+    b = sub.add_parser("bench", help="benchmarks that print ratios measured in one run",
+                       description="Training MFU against the measured matmul peak; KV-cache decode speed-up.")
+    bsub = b.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="WHAT")
+    bt = bsub.add_parser("train", help="training tokens/s and MFU, fp32 and bf16")
+    bd = bsub.add_parser("decode", help="generation speed with and without the KV cache")
+    for sp in (bt, bd):
+        sp.add_argument("--d-model", type=_positive_int, default=384)
+        sp.add_argument("--n-layers", type=_positive_int, default=6)
+        sp.add_argument("--n-heads", type=_positive_int, default=6)
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bt.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    bt.add_argument("--batch-size", type=_positive_int, default=16)
+    bt.add_argument("--seq-len", type=_positive_int, default=256)
+    bt.add_argument("--steps", type=_positive_int, default=6)
+    bd.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[1, 8])
+    bd.add_argument("--prompt-len", type=_positive_int, default=128)
+    bd.add_argument("--new-tokens", type=_positive_int, default=128)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": _train, "generate": _generate, "zoo": _zoo, "bench": _bench}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:  # bad input named by the library: one line, exit 2
+        print(f"minimoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from . import data, zoo
+    from .train import train
+    r = zoo.recipe(args.recipe)
+    model_fields = dict(r.model)
+    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+        if getattr(args, name) is not None:
+            model_fields[name] = getattr(args, name)
+    train_fields = dict(r.train)
+    for name in ("steps", "batch_size", "seq_len", "batch_tokens", "lr", "warmup_steps", "eval_every",
+                 "checkpoint_every", "seed", "schedule", "precision"):
+        if getattr(args, name) is not None:
+            train_fields[name] = getattr(args, name)
+    from .config import ModelConfig
+    from .train import TrainConfig
+    mc = ModelConfig.from_dict(model_fields)
+    tc = TrainConfig.from_dict({**train_fields, "device": args.device})
+    splits = None
+    if args.data:
+        docs = data.text_file_corpus(args.data)
+        train_docs, val_docs = data.split_documents(docs)
+        if not val_docs:
+            raise ValueError("need at least two files (or documents) so one can be held out for validation")
+        splits = (data.TokenDataset(train_docs), data.TokenDataset(val_docs))
+    result = train(mc, tc, data=splits, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    last = result.history["eval"][-1] if result.history["eval"] else None
+    if last:
+        print(f"step {last['step']}: validation loss {last['val_loss']:.4f}, {last['val_bpb']:.3f} bits/byte")
+    print(f"saved {args.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    from . import zoo
+    from .checkpoint import load_checkpoint
+    from .data import ByteTokenizer
+    from .device import resolve_device
+    device = resolve_device(args.device)
+    if Path(args.model).is_dir():
+        model = load_checkpoint(args.model, device=device)
+    elif args.model in zoo.RECIPES:
+        model = zoo.load(args.model, device=device).model
+    else:
+        raise FileNotFoundError(f"{args.model!r} is neither a checkpoint folder nor a zoo model "
+                                f"({', '.join(sorted(zoo.RECIPES))})")
+    tok = ByteTokenizer()
+    import torch
+    ids = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)], device=device)
+    new = min(args.max_new_tokens, model.config.max_seq_len - ids.shape[1])
+    if new <= 0:
+        raise ValueError(f"the prompt ({ids.shape[1]} tokens) fills the model's context "
+                         f"(max_seq_len={model.config.max_seq_len})")
+    out = model.generate(ids, new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed, eos_id=tok.eos_id)
+    print(tok.decode(out[0, 1:]))
+    return 0
+
+
+def _zoo(args) -> int:
+    from . import zoo
+    if args.zoo_command == "list":
+        for row in zoo.available():
+            print(f"{row['name']:<14} {'cached' if row['cached'] else 'not cached':<11} {row['description']}")
+    elif args.zoo_command == "train":
+        print(zoo.train_recipe(args.name, force=args.force))
+    else:
+        print(zoo.path(args.name))
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench_decode, bench_train
+    from .config import ModelConfig
+    cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, max_seq_len=256)
+    if args.bench_command == "train":
+        if args.seq_len > cfg.max_seq_len:
+            cfg = ModelConfig(**{**cfg.to_dict(), "max_seq_len": args.seq_len})
+        rows = [bench_train(cfg, args.batch_size, args.seq_len, p, steps=args.steps, device=args.device)
+                for p in args.precision]
+        if len(rows) == 2:
+            rows[1]["tokens_per_s_vs_fp32"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+        if args.json:
+            print(json.dumps({"rows": rows}, indent=1))
+            return 0
+        print(f"training step, {rows[0]['params'] / 1e6:.1f}M parameters, {rows[0]['tokens_per_step']} tokens/step, "
+              f"{rows[0]['device']}")
+        print(f"{'precision':<10}{'step ms':>9}{'tokens/s':>10}{'model TFLOP/s':>15}{'peak TFLOP/s':>14}{'MFU':>7}")
+        for r in rows:
+            print(f"{r['precision']:<10}{r['step_ms']:>9.0f}{r['tokens_per_s']:>10.0f}{r['model_tflops']:>15.3f}"
+                  f"{r['peak_tflops']:>14.3f}{r['mfu']:>7.0%}")
+        if len(rows) == 2:
+            print(f"bf16 / fp32 tokens/s: {rows[1]['tokens_per_s_vs_fp32']:.2f}x")
+        return 0
+    if args.prompt_len + args.new_tokens > cfg.max_seq_len:
+        cfg = ModelConfig(**{**cfg.to_dict(), "max_seq_len": args.prompt_len + args.new_tokens})
+    from .device import resolve_device
+    from .model import MiniLM
+    import torch
+    torch.manual_seed(0)
+    model = MiniLM(cfg).to(resolve_device(args.device)).eval()
+    rows = [bench_decode(model, b, args.prompt_len, args.new_tokens) for b in args.batch_sizes]
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=1))
+        return 0
+    print(f"greedy decode, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+          f"{model.num_parameters() / 1e6:.1f}M parameters")
+    print(f"{'batch':>5}{'cached tok/s':>14}{'uncached tok/s':>16}{'speed-up':>10}{'same tokens':>13}")
+    for r in rows:
+        print(f"{r['batch_size']:>5}{r['cached_tokens_per_s']:>14.0f}{r['uncached_tokens_per_s']:>16.0f}"
+              f"{r['speedup']:>9.1f}x{str(r['same_tokens']):>13}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The small building blocks of a Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU MLP."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight   (Zhang & Sennrich, 2019). Checked against torch.nn.RMSNorm in the tests."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 even under bf16 autocast: the mean of squares loses too much precision in bf16
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al., 2021, RoFormer), in the "rotate half" layout Llama uses.
+
+    The pair (x_i, x_{i + d/2}) of each head is rotated by the angle  pos * theta^(-2i/d).
+    cos/sin tables are precomputed for `max_seq_len` positions and sliced at run time.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [head_dim/2]
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)     # [T, head_dim/2]
+        angles = torch.cat([angles, angles], dim=-1)                                       # [T, head_dim]
+        # buffers, not parameters: never trained, and not saved in checkpoints (persistent=False)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: [batch, heads, seq, head_dim], positions start .. start+seq-1."""
+        T = x.shape[-2]
+        cos = self.cos[start:start + T].to(x.dtype)
+        sin = self.sin[start:start + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SwiGLU(nn.Module):
+    """down( silu(gate(x)) * up(x) )   (Shazeer, 2020, "GLU Variants Improve Transformer").
+
+    gate and up are stored as one [2*d_ff, d_model] matrix: one large matmul is faster than two small ones.
+    """
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

@@ -1,0 +1,259 @@
+"""The training loop: accelerate for devices and mixed precision, AdamW, warm-up + LR schedule,
+gradient accumulation to a token batch, clipping, periodic validation, exact resume from checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
+from .config import ModelConfig
+from .device import resolve_device
+from .model import MiniLM
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 16               # sequences per micro-batch
+    seq_len: int = 256
+    batch_tokens: int | None = None    # tokens per optimizer step; None = batch_size * seq_len (no accumulation)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1          # final LR = lr * min_lr_ratio for the decaying schedules
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"            # "bf16" = bf16 autocast, weights and optimizer stay fp32
+    eval_every: int = 100
+    eval_batches: int = 8
+    domain_weights: dict | None = None  # e.g. {"code": 0.5, "prose": 0.5}; None = equal per domain
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int | None = None  # steps between checkpoints when an output folder is given
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.batch_tokens is not None:
+            micro = self.batch_size * self.seq_len
+            if self.batch_tokens <= 0 or self.batch_tokens % micro:
+                raise ValueError(f"batch_tokens={self.batch_tokens} must be a positive multiple of "
+                                 f"batch_size * seq_len = {micro}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be a positive integer or None, got {self.checkpoint_every!r}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return 1 if self.batch_tokens is None else self.batch_tokens // (self.batch_size * self.seq_len)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.accumulation_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown train config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    model: MiniLM
+    history: dict = field(default_factory=lambda: {"train": [], "eval": []})
+    checkpoint: Path | None = None
+
+
+def make_scheduler(optimizer, cfg: TrainConfig):
+    """Linear warm-up, then the named schedule, composed from torch.optim.lr_scheduler parts."""
+    sched = torch.optim.lr_scheduler
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=cfg.lr * cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        main = sched.LinearLR(optimizer, 1.0, cfg.min_lr_ratio, total_iters=decay_steps)
+    else:
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if cfg.warmup_steps == 0:
+        return main
+    warmup = sched.LinearLR(optimizer, start_factor=1.0 / (cfg.warmup_steps + 1), end_factor=1.0,
+                            total_iters=cfg.warmup_steps)
+    return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
+
+
+def make_optimizer(model: MiniLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm gains are not decayed), as in GPT-2/Llama practice."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    device = next(model.parameters()).device
+    fused = device.type in ("cpu", "cuda")  # one kernel for the whole update instead of one per tensor
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    device = resolve_device(cfg.device)
+    mixed = "bf16" if cfg.precision == "bf16" else "no"
+    state = AcceleratorState._shared_state
+    # accelerate keeps one global state per process; a notebook that trains fp32 then bf16 in one process
+    # must reset it. Only safe (and only done) when this is not a multi-process run.
+    if state and state.get("_mixed_precision") not in (None, mixed) and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+
+
+@torch.no_grad()
+def evaluate(model: MiniLM, dataset: "data_lib.TokenDataset", batch_size: int = 16, seq_len: int = 256,
+             max_batches: int | None = 8, domain: str | None = None, precision: str = "fp32") -> dict:
+    """Mean next-token loss (nats) and bits per byte on deterministic held-out windows."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tok = data_lib.ByteTokenizer()
+    nats, n_targets, n_bytes = 0.0, 0, 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    for x, y in dataset.eval_batches(batch_size, seq_len, max_batches=max_batches, domain=domain):
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            loss = model(x, targets=y).loss
+        nats += float(loss) * y.numel()
+        n_targets += y.numel()
+        n_bytes += tok.count_bytes(y.flatten())
+    model.train(was_training)
+    if n_targets == 0:
+        raise ValueError("the validation set is too short for one evaluation window")
+    return {"loss": nats / n_targets, "bpb": nats / math.log(2) / max(n_bytes, 1), "tokens": n_targets}
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, out_dir: str | Path | None = None,
+          resume: bool = False, stop_after: int | None = None, progress: bool = True,
+          model: MiniLM | None = None) -> TrainResult:
+    """Train a MiniLM.
+
+    data: (train, validation) TokenDatasets; default: the built-in corpus (minimoe.data.builtin_splits()).
+    out_dir: checkpoint folder, written every `checkpoint_every` steps and at the end.
+    resume: continue from the checkpoint in out_dir (same losses as an uninterrupted run: model, optimizer,
+        schedule, data-sampler RNG and torch RNG are all restored).
+    stop_after: stop (and checkpoint) after this many optimizer steps, as if interrupted; for tests and demos.
+    """
+    cfg = train_config
+    train_ds, val_ds = data if data is not None else data_lib.builtin_splits()
+    torch.manual_seed(cfg.seed)
+    accelerator = make_accelerator(cfg)
+    model = model if model is not None else MiniLM(model_config)
+    model.to(accelerator.device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    history = {"train": [], "eval": [], "train_config": cfg.to_dict()}
+    start = 0
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if resume:
+        if out_dir is None or not out_dir.exists():
+            raise CheckpointError(f"cannot resume: no checkpoint at {out_dir}")
+        load_checkpoint(out_dir, device=accelerator.device, model=model)
+        state, opt_state = load_training_state(out_dir)
+        if state.get("train_config") != _comparable(cfg):
+            raise CheckpointError(f"cannot resume {out_dir}: it was trained with a different TrainConfig")
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        torch.set_rng_state(opt_state["torch_rng"])
+        rng.bit_generator.state = state["data_rng"]
+        history, start = state["history"], state["step"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    def checkpoint(step):
+        if out_dir is None or not accelerator.is_main_process:
+            return
+        state = {"step": step, "history": history, "data_rng": rng.bit_generator.state,
+                 "train_config": _comparable(cfg)}
+        save_checkpoint(out_dir, raw_model, optimizer=optimizer, scheduler=scheduler, trainer_state=state)
+
+    def run_eval(step):
+        r = evaluate(raw_model, val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches, precision=cfg.precision)
+        history["eval"].append({"step": step, "val_loss": r["loss"], "val_bpb": r["bpb"]})
+        return r
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress,
+               unit="step", dynamic_ncols=True)
+    model.train()
+    t0 = time.perf_counter()
+    for step in bar:
+        loss_sum = 0.0
+        for micro in range(cfg.accumulation_steps):
+            x, y = train_ds.sample_batch(cfg.batch_size, cfg.seq_len, rng, weights=cfg.domain_weights)
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            last = micro == cfg.accumulation_steps - 1
+            # between micro-batches there is nothing to all-reduce yet (matters under DDP)
+            with nullcontext() if last else accelerator.no_sync(model):
+                out = model(x, targets=y)
+                loss = (out.loss + out.aux_loss) / cfg.accumulation_steps
+                accelerator.backward(loss)
+            loss_sum += float(out.loss.detach()) / cfg.accumulation_steps
+        grad_norm = None
+        if cfg.grad_clip is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training diverged at step {step + 1}: loss = {loss_sum} "
+                                     "(try a lower lr or more warm-up)")
+        history["train"].append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                                 "tokens": (step + 1) * cfg.tokens_per_step,
+                                 "seconds": time.perf_counter() - t0})
+        postfix = {"loss": f"{loss_sum:.3f}", "lr": f"{lr:.2e}"}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            postfix["val_bpb"] = f"{run_eval(step + 1)['bpb']:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
+            checkpoint(step + 1)
+    bar.close()
+    checkpoint(end)
+    return TrainResult(model=raw_model, history=history, checkpoint=out_dir)
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """The TrainConfig fields that must match for a resume to continue the same run (device may change)."""
+    d = cfg.to_dict()
+    d.pop("device")
+    return json.loads(json.dumps(d))

@@ -1,0 +1,150 @@
+"""Named recipes, trained on first use and cached, so every notebook reuses the same models.
+
+    from minimoe import zoo
+    entry = zoo.load("dense-tiny")        # trains (about a minute on 2 CPU cores) or loads from the cache
+    entry.model, entry.history
+
+The cache lives in $MINIMOE_CACHE (default ~/.cache/minimoe)/zoo/<name>-<key>/, where <key> hashes the
+recipe, the minimoe version and the Python version (the built-in corpus is that Python's standard library),
+so changing any of them trains afresh instead of silently reusing a stale model.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import CheckpointError, load_checkpoint, load_training_state, verify_checkpoint
+from .config import ModelConfig
+from .train import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    model: dict   # ModelConfig fields
+    train: dict   # TrainConfig fields
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict({**self.model, "extra": {"recipe": self.name}})
+
+    def train_config(self, device: str = "auto") -> TrainConfig:
+        return TrainConfig.from_dict({**self.train, "device": device})
+
+    def key(self) -> str:
+        blob = json.dumps({"model": self.model, "train": self.train, "minimoe": __version__,
+                           "python": sys.version.split()[0]}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    if recipe.name in RECIPES:
+        raise ValueError(f"a recipe named {recipe.name!r} is already registered")
+    recipe.model_config(), recipe.train_config()  # validate now, not at first training
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+register(Recipe(
+    name="dense-tiny",
+    description="4-layer, 256-wide Llama-style byte-level model, 400 steps x 4096 tokens on the built-in corpus",
+    model=dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
+    train=dict(steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=40, eval_every=50,
+               eval_batches=8, seed=0),
+))
+
+
+@dataclass
+class ZooEntry:
+    name: str
+    model: "object"
+    history: dict
+    path: Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MINIMOE_CACHE", Path.home() / ".cache" / "minimoe"))
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+def path(name: str) -> Path:
+    r = recipe(name)
+    return cache_dir() / "zoo" / f"{r.name}-{r.key()}"
+
+
+def is_cached(name: str) -> bool:
+    """True when the cache holds the recipe trained to its last step."""
+    return _trained_steps(path(name)) >= recipe(name).train["steps"]
+
+
+def load(name: str, device: str = "cpu", train_if_missing: bool = True, progress: bool = True) -> ZooEntry:
+    """The trained zoo model `name` (training it first if it is not cached)."""
+    folder = path(name)
+    with _lock(folder):
+        if not is_cached(name):
+            if not train_if_missing:
+                raise FileNotFoundError(f"zoo model {name!r} is not cached at {folder}; run `minimoe zoo train {name}`")
+            _train(name, folder, progress)
+        model = load_checkpoint(folder, device=device)
+        state, _ = load_training_state(folder)
+    model.eval()
+    return ZooEntry(name=name, model=model, history=state["history"], path=folder)
+
+
+def train_recipe(name: str, force: bool = False, progress: bool = True) -> Path:
+    """Train `name` into the cache (again, with force=True)."""
+    folder = path(name)
+    with _lock(folder):
+        if force or not is_cached(name):
+            _train(name, folder, progress)
+    return folder
+
+
+def _train(name: str, folder: Path, progress: bool) -> None:
+    r = recipe(name)
+    tc = r.train_config(device="auto")
+    # an interrupted earlier training of the same recipe resumes where its last checkpoint stopped
+    resume = 0 < _trained_steps(folder) < tc.steps
+    train(r.model_config(), tc, out_dir=folder, resume=resume, progress=progress)
+
+
+def _trained_steps(folder: Path) -> int:
+    """Optimizer steps done by the valid checkpoint in `folder`; 0 if there is none."""
+    try:
+        verify_checkpoint(folder)
+        state, _ = load_training_state(folder)
+        return int(state["step"])
+    except (CheckpointError, KeyError):
+        return 0
+
+
+def available() -> list[dict]:
+    return [{"name": n, "description": r.description, "cached": is_cached(n), "path": str(path(n))}
+            for n, r in sorted(RECIPES.items())]
+
+
+@contextmanager
+def _lock(folder: Path):
+    """One trainer per recipe at a time, across processes (e.g. nbval and a book build running together)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
