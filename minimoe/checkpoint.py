@@ -57,7 +57,11 @@ def save_checkpoint(path: str | Path, model: MiniLM, *, optimizer=None, schedule
         if path.exists():  # swap: the old folder stays complete until the new one is in place
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the new one failed to land: put the old checkpoint back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -133,8 +133,8 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from . import zoo
     from .checkpoint import load_checkpoint
-    from .data import ByteTokenizer
     from .device import resolve_device
+    from .sample import sample_text
     device = resolve_device(args.device)
     if Path(args.model).is_dir():
         model = load_checkpoint(args.model, device=device)
@@ -143,16 +143,8 @@ def _generate(args) -> int:
     else:
         raise FileNotFoundError(f"{args.model!r} is neither a checkpoint folder nor a zoo model "
                                 f"({', '.join(sorted(zoo.RECIPES))})")
-    tok = ByteTokenizer()
-    import torch
-    ids = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)], device=device)
-    new = min(args.max_new_tokens, model.config.max_seq_len - ids.shape[1])
-    if new <= 0:
-        raise ValueError(f"the prompt ({ids.shape[1]} tokens) fills the model's context "
-                         f"(max_seq_len={model.config.max_seq_len})")
-    out = model.generate(ids, new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         seed=args.seed, eos_id=tok.eos_id)
-    print(tok.decode(out[0, 1:]))
+    print(sample_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed))
     return 0
 
 

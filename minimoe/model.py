@@ -166,6 +166,19 @@ class MiniLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
 
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Unique parameters per component: embedding, attention, mlp, norms (+ lm_head when untied)."""
+        groups = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+        seen = set()
+        for name, p in self.named_parameters():  # named_parameters yields a tied tensor once
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            key = ("embedding" if name.startswith("embed") else "lm_head" if name.startswith("lm_head")
+                   else "attention" if ".attn." in name else "mlp" if ".mlp." in name else "norms")
+            groups[key] += p.numel()
+        return groups
+
     def num_active_parameters(self) -> int:
         """Parameters that touch each token. For a dense model every parameter does."""
         return self.num_parameters()

@@ -103,7 +103,8 @@ class TrainResult:
 def make_scheduler(optimizer, cfg: TrainConfig):
     """Linear warm-up, then the named schedule, composed from torch.optim.lr_scheduler parts."""
     sched = torch.optim.lr_scheduler
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    # the last optimizer step (index steps-1) is decay step steps-1-warmup: it must use lr * min_lr_ratio
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps - 1)
     if cfg.schedule == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=cfg.lr * cfg.min_lr_ratio)
     elif cfg.schedule == "linear":

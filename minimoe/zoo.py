@@ -57,9 +57,9 @@ def register(recipe: Recipe) -> Recipe:
 
 register(Recipe(
     name="dense-tiny",
-    description="4-layer, 256-wide Llama-style byte-level model, 400 steps x 4096 tokens on the built-in corpus",
+    description="4-layer, 256-wide Llama-style byte-level model, 400 steps x 2048 tokens on the built-in corpus",
     model=dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
-    train=dict(steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=40, eval_every=50,
+    train=dict(steps=400, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=40, eval_every=50,
                eval_batches=8, seed=0),
 ))
 

@@ -1,0 +1,52 @@
+"""Figures the notebooks share. Each function draws on a matplotlib Axes and returns it."""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _ax(ax):
+    return ax if ax is not None else plt.subplots(figsize=(7, 4))[1]
+
+
+def plot_training(history: dict, ax=None, label: str = "", smooth: int = 20):
+    """Training loss (moving average over `smooth` steps) and validation loss, in bits per byte, against tokens.
+
+    Train loss is converted from nats per token with 1/ln 2; for byte-level tokens a token is a byte, up to
+    the few special tokens, so both curves share the bits-per-byte axis.
+    """
+    ax = _ax(ax)
+    tokens = np.array([r["tokens"] for r in history["train"]], dtype=float)
+    loss = np.array([r["loss"] for r in history["train"]]) / math.log(2)
+    if len(loss) >= smooth:
+        kernel = np.ones(smooth) / smooth
+        loss, tokens_s = np.convolve(loss, kernel, mode="valid"), tokens[smooth - 1:]
+    else:
+        tokens_s = tokens
+    ax.plot(tokens_s / 1e6, loss, label=f"{label} train (moving avg. {smooth} steps)".strip())
+    per_step = tokens[0] if len(tokens) else 0
+    ev = history["eval"]
+    ax.plot([e["step"] * per_step / 1e6 for e in ev], [e["val_bpb"] for e in ev], "o-",
+            label=f"{label} validation".strip())
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("loss (bits per byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def plot_decode(rows: list[dict], ax=None):
+    """Tokens per second with and without the KV cache, one group of bars per batch size."""
+    ax = _ax(ax)
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["cached_tokens_per_s"] for r in rows], 0.4, label="KV cache")
+    ax.bar(x + 0.2, [r["uncached_tokens_per_s"] for r in rows], 0.4, label="no cache (recompute all)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['speedup']:.1f}x", (i - 0.2, r["cached_tokens_per_s"]), ha="center", va="bottom")
+    ax.set_xticks(x, [f"batch {r['batch_size']}" for r in rows])
+    ax.set_ylabel("generated tokens per second")
+    ax.set_yscale("log")
+    ax.legend()
+    return ax

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from minimoe import ModelConfig
+
+
+def test_defaults_resolve_and_round_trip(tmp_path):
+    cfg = ModelConfig(d_model=96, n_heads=4)
+    assert cfg.n_kv_heads == 4 and cfg.head_dim == 24
+    assert cfg.d_ff % 32 == 0 and cfg.d_ff >= 8 * 96 / 3
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    cfg.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == cfg
+    assert json.loads(cfg.to_json())["d_model"] == 96
+
+
+@pytest.mark.parametrize("fields, name", [
+    (dict(d_model=100, n_heads=3), "d_model"),
+    (dict(n_heads=4, n_kv_heads=3), "n_heads"),
+    (dict(d_model=0), "d_model"),
+    (dict(n_layers=-1), "n_layers"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(max_seq_len=0), "max_seq_len"),
+    (dict(d_ff=0), "d_ff"),
+    (dict(n_heads=2.5), "n_heads"),
+    (dict(d_model=12, n_heads=4), "head_dim"),
+    (dict(attention="sparse"), "attention"),
+    (dict(attention="mla"), "attention"),
+    (dict(router="magic"), "router"),
+    (dict(n_experts=-1), "n_experts"),
+    (dict(n_experts=4, top_k=5), "top_k"),
+    (dict(n_experts=4, capacity_factor=0.0), "capacity_factor"),
+    (dict(first_dense_layers=9), "first_dense_layers"),
+    (dict(rope_theta=0), "rope_theta"),
+    (dict(norm_eps=-1.0), "norm_eps"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(tie_embeddings="yes"), "tie_embeddings"),
+])
+def test_invalid_fields_raise_naming_the_field(fields, name):
+    with pytest.raises(ValueError, match=name):
+        ModelConfig(**fields)
+
+
+def test_moe_not_yet_available_says_so():
+    with pytest.raises(ValueError, match="n_experts"):
+        ModelConfig(n_experts=8, top_k=2)
+
+
+def test_from_dict_rejects_unknown_fields_and_bad_json(tmp_path):
+    with pytest.raises(ValueError, match="d_modle"):
+        ModelConfig.from_dict({"d_modle": 64})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_json(tmp_path / "bad.json")

@@ -1,0 +1,52 @@
+import torch
+
+from minimoe.layers import RMSNorm, Rotary, SwiGLU
+
+
+def test_rmsnorm_matches_torch():
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(48, eps=1e-5), torch.nn.RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(3, 7, 48) * 4
+    torch.testing.assert_close(ours(x), ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref(x), atol=3e-2, rtol=3e-2)
+
+
+def test_rotary_preserves_norm_and_encodes_relative_position():
+    rot = Rotary(head_dim=16, max_seq_len=64, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    # rotating a vector never changes its length
+    x = torch.randn(2, 3, 10, 16)
+    torch.testing.assert_close(rot(x).norm(dim=-1), x.norm(dim=-1))
+    # <R_m q, R_n k> depends only on m - n
+    def score(m, n):
+        return (rot(q, start=m) * rot(k, start=n)).sum()
+    torch.testing.assert_close(score(5, 2), score(40, 37), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(score(5, 2), score(5, 4))
+    # position 0 is the identity
+    torch.testing.assert_close(rot(q, start=0), q)
+
+
+def test_rotary_matches_complex_multiplication():
+    """The rotate-half layout pairs dimension i with i + d/2; as complex numbers that is a rotation by pos * freq_i."""
+    d, pos = 8, 7
+    rot = Rotary(d, 16)
+    x = torch.randn(1, 1, 1, d)
+    freqs = 10000.0 ** (-torch.arange(0, d, 2).double() / d)
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double()) * torch.exp(1j * pos * freqs)
+    expected = torch.cat([z.real, z.imag], dim=-1).float()
+    torch.testing.assert_close(rot(x, start=pos), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_formula():
+    torch.manual_seed(0)
+    mlp = SwiGLU(8, 16)
+    x = torch.randn(4, 8)
+    W = mlp.gate_up.weight
+    expected = (torch.nn.functional.silu(x @ W[:16].T) * (x @ W[16:].T)) @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(x), expected)
