@@ -56,13 +56,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # [B, H, T, hd]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # [B, H_kv, T, hd]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hk = self.n_heads, self.n_kv_heads
+        qkv = self.qkv(x).view(B, T, H + 2 * Hk, self.head_dim)
         past = cache.length if cache is not None else 0
-        q, k = self.rotary(q, start=past), self.rotary(k, start=past)
+        qk = self.rotary(qkv[:, :, :H + Hk], start=past)          # rotate queries and keys in one pass
+        q = qk[:, :, :H].transpose(1, 2)                           # [B, H, T, hd]
+        k = qk[:, :, H:].transpose(1, 2)                           # [B, H_kv, T, hd]
+        v = qkv[:, :, H + Hk:].transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)
         if self.n_kv_heads != self.n_heads:  # share each key/value head across its group of query heads

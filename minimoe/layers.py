@@ -22,7 +22,8 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotary position embeddings (Su et al., 2021, RoFormer), in the "rotate half" layout Llama uses.
 
-    The pair (x_i, x_{i + d/2}) of each head is rotated by the angle  pos * theta^(-2i/d).
+    Dimension i of a head is paired with dimension i + d/2 and the pair is rotated by the angle
+    pos * theta^(-2i/d):   (x1, x2) -> (x1 cos - x2 sin,  x2 cos + x1 sin).
     cos/sin tables are precomputed for `max_seq_len` positions and sliced at run time.
     """
 
@@ -30,18 +31,45 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [head_dim/2]
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)     # [T, head_dim/2]
-        angles = torch.cat([angles, angles], dim=-1)                                       # [T, head_dim]
         # buffers, not parameters: never trained, and not saved in checkpoints (persistent=False)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x: [batch, heads, seq, head_dim], positions start .. start+seq-1."""
-        T = x.shape[-2]
-        cos = self.cos[start:start + T].to(x.dtype)
-        sin = self.sin[start:start + T].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        """x: [batch, seq, heads, head_dim] at positions start .. start+seq-1 -> same shape."""
+        T = x.shape[1]
+        cos = self.cos[start:start + T, None, :].to(x.dtype)  # [T, 1, head_dim/2], broadcast over heads
+        sin = self.sin[start:start + T, None, :].to(x.dtype)
+        return _RotateHalf.apply(x, cos, sin)
+
+
+class _RotateHalf(torch.autograd.Function):
+    """The rotation above with its backward written out (the inverse rotation, by -angle).
+
+    Same numbers as the textbook  x * cos + cat(-x2, x1) * sin  (checked in tests/test_layers.py), but each
+    half is written in place into one output buffer: no cat, no negation, no temporaries for autograd to keep.
+    On a CPU, where these element-wise passes cost as much as the matmuls around them, this is worth ~10%
+    of a training step (chapter 1, "How close to the hardware?").
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def _rotate(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)            # x2 cos + x1 sin
+    return out
 
 
 class SwiGLU(nn.Module):

@@ -11,8 +11,8 @@ def reference_attention(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Ten
     B, T, _ = x.shape
     H, Hk, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q, k, v = attn.qkv(x).split([H * hd, Hk * hd, Hk * hd], dim=-1)
-    q = attn.rotary(q.view(B, T, H, hd).transpose(1, 2))
-    k = attn.rotary(k.view(B, T, Hk, hd).transpose(1, 2))
+    q = attn.rotary(q.view(B, T, H, hd)).transpose(1, 2)
+    k = attn.rotary(k.view(B, T, Hk, hd)).transpose(1, 2)
     v = v.view(B, T, Hk, hd).transpose(1, 2)
     k, v = (t[:, [h // (H // Hk) for h in range(H)]] for t in (k, v))
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)

@@ -36,11 +36,28 @@ def test_rotary_matches_complex_multiplication():
     """The rotate-half layout pairs dimension i with i + d/2; as complex numbers that is a rotation by pos * freq_i."""
     d, pos = 8, 7
     rot = Rotary(d, 16)
-    x = torch.randn(1, 1, 1, d)
+    x = torch.randn(1, 1, 1, d)  # [batch, seq, heads, head_dim]
     freqs = 10000.0 ** (-torch.arange(0, d, 2).double() / d)
     z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double()) * torch.exp(1j * pos * freqs)
     expected = torch.cat([z.real, z.imag], dim=-1).float()
     torch.testing.assert_close(rot(x, start=pos), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_matches_textbook_formula_and_gradients():
+    """The fused rotation equals  x * cos + rotate_half(x) * sin  in value and in gradient."""
+    torch.manual_seed(0)
+    rot = Rotary(head_dim=8, max_seq_len=32)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)   # [batch, seq, heads, head_dim]
+
+    def textbook(x, start):
+        ang = torch.outer(torch.arange(start, start + 5, dtype=torch.float64), 10000.0 ** (-torch.arange(0, 8, 2) / 8))
+        cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    rot.cos, rot.sin = rot.cos.double(), rot.sin.double()  # float64 tables for gradcheck
+    torch.testing.assert_close(rot(x, start=3), textbook(x, 3))
+    assert torch.autograd.gradcheck(lambda t: rot(t, start=3), (x,))
 
 
 def test_swiglu_formula():
