@@ -59,10 +59,11 @@ class CausalSelfAttention(nn.Module):
         H, Hk = self.n_heads, self.n_kv_heads
         qkv = self.qkv(x).view(B, T, H + 2 * Hk, self.head_dim)
         past = cache.length if cache is not None else 0
-        qk = self.rotary(qkv[:, :, :H + Hk], start=past)          # rotate queries and keys in one pass
-        q = qk[:, :, :H].transpose(1, 2)                           # [B, H, T, hd]
-        k = qk[:, :, H:].transpose(1, 2)                           # [B, H_kv, T, hd]
-        v = qkv[:, :, H + Hk:].transpose(1, 2)
+        qk, v = qkv.split([H + Hk, Hk], dim=2)  # split, not two slices: its backward is one cat, not zero-fill + copy
+        qk = self.rotary(qk, start=past)         # rotate queries and keys in one pass
+        q = qk[:, :, :H].transpose(1, 2)         # [B, H, T, hd]
+        k = qk[:, :, H:].transpose(1, 2)         # [B, H_kv, T, hd]
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)
         if self.n_kv_heads != self.n_heads:  # share each key/value head across its group of query heads

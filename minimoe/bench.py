@@ -13,14 +13,14 @@ import time
 import torch
 
 from .config import ModelConfig
-from .device import Timer, resolve_device, synchronize
+from .device import Timer, resolve_device, synchronize, tune_cpu_allocator
 from .model import MiniLM
 from .train import TrainConfig, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_peak(dtype: torch.dtype, device, sizes=(1024, 2048), repeats: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, device, sizes=(1024, 2048), repeats: int = 10) -> float:
     """Best FLOP/s of an n x n @ n x n matmul over `sizes` and `repeats` (2 n^3 FLOPs each)."""
     device = resolve_device(device)
     best = 0.0
@@ -39,6 +39,8 @@ def bench_train(config: ModelConfig, batch_size: int = 16, seq_len: int = 256, p
                 steps: int = 6, warmup: int = 2, device="auto", seed: int = 0) -> dict:
     """Time full training steps (forward, backward, clip, AdamW) on random tokens; median step time -> MFU."""
     device = resolve_device(device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     torch.manual_seed(seed)
     model = MiniLM(config).to(device)
     opt = make_optimizer(model, TrainConfig(device=str(device)))
@@ -75,6 +77,8 @@ def bench_decode(model: MiniLM, batch_size: int = 1, prompt_len: int = 128, new_
                  repeats: int = 3, seed: int = 0) -> dict:
     """Greedy generation with and without the KV cache; median of `repeats` runs each."""
     device = model.device
+    if device.type == "cpu":
+        tune_cpu_allocator()
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 256, (batch_size, prompt_len), generator=g).to(device)
     result = {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens}

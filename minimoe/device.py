@@ -1,6 +1,9 @@
 """Device choice and timing helpers shared by training, generation and benchmarks."""
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import time
 
 import torch
@@ -20,6 +23,34 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from e
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    Eager PyTorch allocates and frees every activation and gradient on every step. glibc serves blocks of
+    32 MB and more with a fresh mmap and returns freed memory at the top of the heap to the OS, so each step
+    pays page faults to re-touch the same memory: on a 2-core CPU this made a 10M-parameter training step up
+    to a third slower. With mmap off and trimming off, the heap grows to the peak working set once and is
+    reused, which is what jemalloc or tcmalloc (Intel's advice for PyTorch on CPUs) achieve. The cost is that
+    the process keeps its peak memory. Process-wide and idempotent; a no-op off glibc Linux or when
+    MINIMOE_MALLOC_TUNING=0. Returns whether the setting is active.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get("MINIMOE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+        _ALLOCATOR_TUNED = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+    except (OSError, AttributeError):  # musl, or no libc.so.6
+        return False
+    return _ALLOCATOR_TUNED
 
 
 def synchronize(device: torch.device) -> None:

@@ -80,9 +80,10 @@ class MiniLM(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: Cache | None = None) -> ModelOutput:
+                cache: Cache | None = None, _checked: bool = False) -> ModelOutput:
         """input_ids: LongTensor [batch, seq]. targets (optional): [batch, seq], -100 = ignore."""
-        self._check_input(input_ids, cache)
+        if not _checked:  # generate() checks the prompt once; the tokens it adds are valid by construction
+            self._check_input(input_ids, cache)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layers[i] if cache is not None else None)
@@ -139,6 +140,7 @@ class MiniLM(nn.Module):
             raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                              f"max_seq_len={self.config.max_seq_len}")
         ids = ids.to(self.embed.weight.device)
+        self._check_input(ids, None)
         gen = None
         if seed is not None:
             gen = torch.Generator(device=ids.device).manual_seed(seed)
@@ -148,7 +150,7 @@ class MiniLM(nn.Module):
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         next_input = ids
         for _ in range(max_new_tokens):
-            logits = self(next_input if use_cache else ids, cache=cache).logits[:, -1, :].float()
+            logits = self(next_input if use_cache else ids, cache=cache, _checked=True).logits[:, -1, :].float()
             token = _sample(logits, temperature, top_k, top_p, gen)
             if eos_id is not None:
                 token = torch.where(finished, torch.full_like(token, eos_id), token)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from .config import ModelConfig
-from .device import resolve_device
+from .device import resolve_device, tune_cpu_allocator
 from .model import MiniLM
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -177,6 +177,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
     train_ds, val_ds = data if data is not None else data_lib.builtin_splits()
     torch.manual_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        tune_cpu_allocator()
     model = model if model is not None else MiniLM(model_config)
     model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg)
