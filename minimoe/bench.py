@@ -18,6 +18,9 @@ from .model import MiniLM
 from .train import TrainConfig, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The model `minimoe bench` times by default: 6 layers x 384 wide (10.7M parameters), a size whose step is
+# dominated by matmuls on a CPU yet fits a benchmark into seconds.
+BENCH_MODEL = ModelConfig(d_model=384, n_layers=6, n_heads=6, max_seq_len=256)
 
 
 def matmul_peak(dtype: torch.dtype, device, sizes=(1024, 2048), repeats: int = 10) -> float:

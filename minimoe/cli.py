@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="WHAT")
     bt = bsub.add_parser("train", help="training tokens/s and MFU, fp32 and bf16")
     bd = bsub.add_parser("decode", help="generation speed with and without the KV cache")
+    from .bench import BENCH_MODEL
     for sp in (bt, bd):
-        sp.add_argument("--d-model", type=_positive_int, default=384)
-        sp.add_argument("--n-layers", type=_positive_int, default=6)
-        sp.add_argument("--n-heads", type=_positive_int, default=6)
+        sp.add_argument("--d-model", type=_positive_int, default=BENCH_MODEL.d_model)
+        sp.add_argument("--n-layers", type=_positive_int, default=BENCH_MODEL.n_layers)
+        sp.add_argument("--n-heads", type=_positive_int, default=BENCH_MODEL.n_heads)
         sp.add_argument("--device", default="auto")
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bt.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])

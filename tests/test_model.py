@@ -128,3 +128,4 @@ def test_training_step_reduces_loss_and_all_parameters_get_gradients():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]  # memorising one batch
+
