@@ -1,0 +1,439 @@
+"""Mixture-of-Experts: a router, grouped experts and the dispatch that connects them (torchtitan's split).
+
+A router maps each token to k experts and k combine weights; `GroupedExperts` runs every expert once on
+the contiguous block of tokens it received; `MoE` sorts the tokens by expert, calls both and scatters the
+weighted results back. Each part can be swapped without touching the others:
+
+    SoftmaxTopKRouter   softmax over experts, top-k (Switch k=1, GShard / Mixtral k=2)
+    DeepSeekRouter      sigmoid affinities, bias-only balancing, group-limited routing (DeepSeek-V3)
+    HashRouter          a fixed token-id -> expert table (Roller et al., 2021, "Hash Layers")
+    TaskRouter          each task owns a subset of experts ("path selection", Pathways / PaLM-2 style)
+
+The balancing losses a training loop may add (Switch, router z-loss, DeepSeek-V3's sequence-wise loss)
+and `dense_reference`, the brute-force oracle the tests compare `MoE` to, live here too.
+This module is standalone: it takes its settings as constructor arguments, not from a ModelConfig.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import SwiGLU
+
+
+class RouterOutput(NamedTuple):
+    weights: torch.Tensor  # [N, k] combine weights (float)
+    experts: torch.Tensor  # [N, k] chosen expert ids (long)
+    scores: torch.Tensor   # [N, E] affinities for statistics and losses (softmax or sigmoid)
+    logits: torch.Tensor   # [N, E] raw router logits for the z-loss; zeros for routers without logits
+
+
+# ---- routers -------------------------------------------------------------------------------------
+
+class SoftmaxTopKRouter(nn.Module):
+    """p = softmax(W x) over the E experts; keep the top-k.  Switch Transformer (k=1), GShard / Mixtral (k=2).
+
+    norm_topk_prob=True renormalises the k kept probabilities to sum to 1 (Mixtral). With k=1 that makes
+    every weight 1 and the gate gets no gradient from the language-model loss, so Switch-style routing
+    (Fedus et al., 2021) uses norm_topk_prob=False and multiplies by the raw probability.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, norm_topk_prob: bool = True):
+        super().__init__()
+        _check_sizes(d_model=d_model, n_experts=n_experts, top_k=top_k)
+        _check_top_k(top_k, n_experts)
+        self.n_experts, self.top_k, self.norm_topk_prob = n_experts, top_k, norm_topk_prob
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+
+    def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
+        """x: [N, d_model] -> RouterOutput (token_ids and task_ids are ignored)."""
+        logits = self.gate(x).float()  # routing decisions in fp32: bf16 ties flip top-k choices
+        scores = logits.softmax(dim=-1)
+        weights, experts = scores.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(weights, experts, scores, logits)
+
+
+class DeepSeekRouter(nn.Module):
+    """DeepSeek-V3's router (arXiv 2412.19437, section 2.1.2, eq. 12-16).
+
+    s = sigmoid(W x) [N, E]. The chosen experts are the top-k of s + b, where b is a per-expert bias that
+    only steers the choice; the combine weights use s alone:  g = s_chosen / sum(s_chosen) * scale.
+    b is a buffer (no gradient): `update_bias` moves it between steps, the auxiliary-loss-free balancing
+    of Wang et al. (arXiv 2408.15664). Group-limited routing: the E experts form n_group groups, a group
+    scores the sum of its two best s + b, and only the experts of the best topk_group groups can be chosen
+    (in DeepSeek-V3 a group is one node, so this bounds how many nodes a token's activations travel to).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
+                 routed_scaling_factor: float = 1.0):
+        super().__init__()
+        _check_sizes(d_model=d_model, n_experts=n_experts, top_k=top_k, n_group=n_group, topk_group=topk_group)
+        _check_top_k(top_k, n_experts)
+        if n_experts % n_group:
+            raise ValueError(f"n_group={n_group} must divide n_experts={n_experts}")
+        if topk_group > n_group:
+            raise ValueError(f"topk_group={topk_group} cannot exceed n_group={n_group}")
+        reachable = topk_group * (n_experts // n_group)
+        if top_k > reachable:
+            raise ValueError(f"top_k={top_k} exceeds the {reachable} experts reachable in topk_group={topk_group} "
+                             f"groups of {n_experts // n_group}")
+        if not (isinstance(routed_scaling_factor, (int, float)) and routed_scaling_factor > 0):
+            raise ValueError(f"routed_scaling_factor must be a positive number, got {routed_scaling_factor!r}")
+        self.n_experts, self.top_k = n_experts, top_k
+        self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        # a buffer, not a parameter: the optimizer must never touch it, but checkpoints must keep it
+        self.register_buffer("bias", torch.zeros(n_experts))
+
+    def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
+        """x: [N, d_model] -> RouterOutput (token_ids and task_ids are ignored)."""
+        logits = self.gate(x).float()
+        scores = logits.sigmoid()
+        biased = scores.detach() + self.bias  # choice only: no gradient flows through the selection
+        if self.n_group > 1:
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)  # [N, G, E/G]
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(biased.shape)
+            biased = biased.masked_fill(~expert_mask, float("-inf"))
+        experts = biased.topk(self.top_k, dim=-1).indices
+        chosen = scores.gather(1, experts)  # the bias is not in the weights
+        weights = chosen / chosen.sum(dim=-1, keepdim=True) * self.routed_scaling_factor
+        return RouterOutput(weights, experts, scores, logits)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert, gamma: float) -> None:
+        """b_i += gamma * sign(mean load - load_i)  (arXiv 2408.15664, Algorithm 1).
+
+        Call once per optimizer step, outside autograd (torchtitan runs it as an optimizer pre-hook).
+        An overloaded expert's bias drops by exactly gamma, an underloaded one's rises by gamma.
+        """
+        load = torch.as_tensor(tokens_per_expert, dtype=torch.float32, device=self.bias.device)
+        if load.shape != self.bias.shape:
+            raise ValueError(f"tokens_per_expert must have {self.n_experts} entries, got shape {tuple(load.shape)}")
+        self.bias += gamma * torch.sign(load.mean() - load)
+
+
+class HashRouter(nn.Module):
+    """A fixed token-id -> k experts table (Roller et al., 2021, "Hash Layers For Large Sparse Models").
+
+    Nothing is learned: a seeded permutation of the vocabulary, taken modulo E, spreads ids evenly over the
+    experts; a token's j-th expert is the next one along a seeded permutation of the experts, so its k
+    experts are distinct. Weights are all 1/k. Needs token_ids.
+    """
+
+    def __init__(self, n_experts: int, top_k: int, vocab_size: int, seed: int = 0):
+        super().__init__()
+        _check_sizes(n_experts=n_experts, top_k=top_k, vocab_size=vocab_size)
+        _check_top_k(top_k, n_experts)
+        self.n_experts, self.top_k, self.vocab_size = n_experts, top_k, vocab_size
+        gen = torch.Generator().manual_seed(seed)
+        token_perm = torch.randperm(vocab_size, generator=gen)
+        expert_perm = torch.randperm(n_experts, generator=gen)
+        slots = (token_perm[:, None] + torch.arange(top_k)) % n_experts  # [vocab, k], distinct per row
+        # saved in checkpoints: the table must not change if torch's random generator ever does
+        self.register_buffer("table", expert_perm[slots])
+
+    def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
+        """x: [N, d_model] (only its length and device are used), token_ids: [N] -> RouterOutput."""
+        if token_ids is None:
+            raise ValueError("HashRouter needs token_ids (the token id of each of the N tokens)")
+        token_ids = token_ids.reshape(-1)
+        if token_ids.numel() != x.shape[0]:
+            raise ValueError(f"token_ids has {token_ids.numel()} entries for {x.shape[0]} tokens")
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.vocab_size):
+            raise ValueError(f"token_ids must lie in [0, vocab_size={self.vocab_size})")
+        experts = self.table[token_ids]
+        weights = torch.full(experts.shape, 1.0 / self.top_k, device=x.device)
+        scores = torch.zeros(x.shape[0], self.n_experts, device=x.device).scatter_(1, experts, weights)
+        return RouterOutput(weights, experts, scores, torch.zeros_like(scores))
+
+
+class TaskRouter(nn.Module):
+    """Each task owns a fixed subset of experts; a learned softmax top-k gate chooses inside it.
+
+    The "path selection" of Pathways / PaLM-2-style task-routed MoE: task t can only reach task_experts[t]
+    (default: a contiguous block of n_experts // n_tasks experts per task); experts outside the subset get
+    probability 0 and are never chosen. task_ids: [N], one task id per token.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, n_tasks: int,
+                 task_experts: list[list[int]] | None = None, norm_topk_prob: bool = True):
+        super().__init__()
+        _check_sizes(d_model=d_model, n_experts=n_experts, top_k=top_k, n_tasks=n_tasks)
+        _check_top_k(top_k, n_experts)
+        if task_experts is None:
+            block = n_experts // n_tasks
+            if block < top_k:
+                raise ValueError(f"n_tasks={n_tasks}: the default blocks of n_experts // n_tasks = {block} experts "
+                                 f"are fewer than top_k={top_k}")
+            task_experts = [list(range(t * block, (t + 1) * block)) for t in range(n_tasks)]
+        if len(task_experts) != n_tasks:
+            raise ValueError(f"task_experts must have one list per task ({n_tasks}), got {len(task_experts)}")
+        mask = torch.zeros(n_tasks, n_experts, dtype=torch.bool)
+        for t, subset in enumerate(task_experts):
+            if any(not isinstance(e, int) or not 0 <= e < n_experts for e in subset):
+                raise ValueError(f"task_experts[{t}] must hold expert ids in [0, {n_experts}), got {subset!r}")
+            if len(set(subset)) < top_k:
+                raise ValueError(f"task_experts[{t}] has {len(set(subset))} distinct experts, fewer than "
+                                 f"top_k={top_k}")
+            mask[t, subset] = True
+        self.n_experts, self.top_k, self.n_tasks, self.norm_topk_prob = n_experts, top_k, n_tasks, norm_topk_prob
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.register_buffer("task_mask", mask, persistent=False)  # rebuilt from the constructor arguments
+
+    def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
+        """x: [N, d_model], task_ids: [N] in [0, n_tasks) -> RouterOutput."""
+        if task_ids is None:
+            raise ValueError("TaskRouter needs task_ids (the task id of each of the N tokens)")
+        task_ids = task_ids.reshape(-1)
+        if task_ids.numel() != x.shape[0]:
+            raise ValueError(f"task_ids has {task_ids.numel()} entries for {x.shape[0]} tokens")
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.n_tasks):
+            raise ValueError(f"task_ids must lie in [0, n_tasks={self.n_tasks})")
+        logits = self.gate(x).float()
+        masked = logits.masked_fill(~self.task_mask[task_ids], float("-inf"))
+        scores = masked.softmax(dim=-1)
+        # top-k of the masked logits, not of the probabilities: an underflowed in-subset probability
+        # could otherwise tie at 0 with an out-of-subset expert
+        experts = masked.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(weights, experts, scores, logits)
+
+
+# ---- experts -------------------------------------------------------------------------------------
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with their weights stacked: w_gate_up [E, d_model, 2*d_ff], w_down [E, d_ff, d_model].
+
+    Expert e computes  (silu(x @ Wg) * (x @ Wu)) @ Wd  with  [Wg | Wu] = w_gate_up[e]: the same function as
+    `SwiGLU` with gate_up.weight = w_gate_up[e].T and down.weight = w_down[e].T.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        _check_sizes(n_experts=n_experts, d_model=d_model, d_ff=d_ff)
+        self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_ff))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        # nn.Linear's default init, so a fresh GroupedExperts behaves like E fresh SwiGLU modules
+        nn.init.uniform_(self.w_gate_up, -d_model ** -0.5, d_model ** -0.5)
+        nn.init.uniform_(self.w_down, -d_ff ** -0.5, d_ff ** -0.5)
+
+    def forward(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+        """x_sorted: [M, d_model], grouped by expert in expert order; counts: [E] (list or tensor) -> [M, d_model]."""
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        if len(counts) != self.n_experts or sum(counts) != x_sorted.shape[0]:
+            raise ValueError(f"counts must have {self.n_experts} entries summing to {x_sorted.shape[0]} tokens, "
+                             f"got {counts}")
+        # unbind, not self.w_gate_up[e] inside the loop: the backward of each index op allocates a full
+        # [E, ...] zero gradient and adds into it, E times over (4-6x slower backward at E=64 on a CPU, and
+        # it grows with E); unbind's backward stacks the E slices once.
+        out = []
+        for xe, w_gu, w_d in zip(x_sorted.split(counts), self.w_gate_up.unbind(0), self.w_down.unbind(0)):
+            if xe.shape[0] == 0:
+                out.append(xe)  # an expert that received no token: nothing to compute, keep the shape
+                continue
+            gate, up = (xe @ w_gu).chunk(2, dim=-1)
+            out.append((F.silu(gate) * up) @ w_d)
+        return torch.cat(out) if out else x_sorted
+
+
+# ---- the layer -----------------------------------------------------------------------------------
+
+class Dispatch(NamedTuple):
+    order: torch.Tensor          # [M] kept assignments (index into the flattened N*k), sorted by expert
+    counts: torch.Tensor         # [E] assignments each expert received, before dropping
+    kept_counts: torch.Tensor    # [E] assignments each expert computes, after dropping
+
+
+def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None) -> Dispatch:
+    """Sort the N*k assignments by expert and drop those beyond `capacity` per expert (in token order).
+
+    experts: [N, k]. Assignment a is token a // k, slot a % k. A stable sort keeps token order inside each
+    expert (a token never picks one expert twice), so "beyond capacity" means "came later in the batch".
+    """
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    if capacity is None:
+        return Dispatch(order, counts, counts)
+    start = counts.cumsum(0) - counts                        # first sorted position of each expert
+    rank = torch.arange(order.numel(), device=order.device) - start[flat[order]]  # position inside its expert
+    return Dispatch(order[rank < capacity], counts, counts.clamp(max=capacity))
+
+
+class MoE(nn.Module):
+    """y = sum over a token's k routed experts of  weight * expert(x)  (+ shared experts(x)).
+
+    Shared experts (DeepSeekMoE, arXiv 2401.06066) are one SwiGLU of width n_shared_experts * d_ff that
+    every token passes through. capacity_factor=None is dropless; otherwise each expert computes at most
+    ceil(capacity_factor * N * k / E) assignments and drops the rest (GShard / Switch), which then add
+    nothing: the token still reaches the next layer through the residual connection outside this module.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, router: nn.Module, n_experts: int, n_shared_experts: int = 0,
+                 capacity_factor: float | None = None):
+        super().__init__()
+        _check_sizes(d_model=d_model, d_ff=d_ff, n_experts=n_experts)
+        if not isinstance(n_shared_experts, int) or isinstance(n_shared_experts, bool) or n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be an integer >= 0, got {n_shared_experts!r}")
+        if capacity_factor is not None and not (
+                isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+                and capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
+        if getattr(router, "n_experts", n_experts) != n_experts:
+            raise ValueError(f"n_experts={n_experts} but the router routes to {router.n_experts} experts")
+        self.n_experts, self.capacity_factor = n_experts, capacity_factor
+        self.router = router
+        self.experts = GroupedExperts(n_experts, d_model, d_ff)
+        self.shared = SwiGLU(d_model, n_shared_experts * d_ff) if n_shared_experts else None
+        self.last_tokens_per_expert: torch.Tensor | None = None  # for DeepSeekRouter.update_bias
+        self.last_router_output: RouterOutput | None = None      # for the balancing losses
+
+    def capacity(self, n_assignments: int) -> int | None:
+        """Assignments one expert may compute for a batch of n_assignments = N * k; None = dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_assignments / self.n_experts)
+
+    def forward(self, x, token_ids=None, task_ids=None) -> tuple[torch.Tensor, dict]:
+        """x: [batch, seq, d_model]; token_ids: [batch, seq]; task_ids: [batch] or [batch, seq].
+
+        Returns y [batch, seq, d_model] and stats (python numbers): tokens_per_expert (before dropping),
+        max_vio, dropped_fraction, router_entropy.
+        """
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        r = self.router(flat, *_flat_ids(token_ids, task_ids, B, T))
+        k = r.experts.shape[1]
+        plan = dispatch(r.experts, self.n_experts, self.capacity(B * T * k))
+        token = plan.order // k                                   # [M] which token each kept assignment serves
+        out = self.experts(flat[token], plan.kept_counts)         # [M, d]
+        out = out * r.weights.reshape(-1)[plan.order, None].to(out.dtype)
+        y = torch.zeros_like(flat).index_add_(0, token, out)      # a token's k results add up
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        self.last_tokens_per_expert = plan.counts.detach()
+        self.last_router_output = r
+        return y.view(B, T, d), routing_stats(r, plan)
+
+
+def _flat_ids(token_ids, task_ids, B: int, T: int):
+    """[batch, seq] token ids and [batch] or [batch, seq] task ids -> [N] each (None stays None)."""
+    if token_ids is not None:
+        token_ids = token_ids.reshape(-1)
+    if task_ids is not None:
+        task_ids = torch.as_tensor(task_ids)
+        if task_ids.dim() == 1 and task_ids.numel() == B:
+            task_ids = task_ids[:, None].expand(B, T)  # one task per sequence
+        task_ids = task_ids.reshape(-1)
+    return token_ids, task_ids
+
+
+@torch.no_grad()
+def routing_stats(r: RouterOutput, plan: Dispatch) -> dict:
+    """Load and confidence of one routing decision, as plain python numbers.
+
+    max_vio = (max load - mean load) / mean load (the "MaxVio" of arXiv 2408.15664): 0 when perfectly
+    balanced. router_entropy: mean over tokens of the entropy of scores / sum(scores), in nats.
+    """
+    counts = plan.counts.float()
+    total = float(counts.sum())
+    mean = total / counts.numel()
+    p = r.scores.float() / r.scores.float().sum(-1, keepdim=True).clamp_min(1e-30)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    return {
+        "tokens_per_expert": plan.counts.tolist(),
+        "max_vio": (float(counts.max()) - mean) / mean if mean > 0 else 0.0,
+        "dropped_fraction": 1.0 - plan.order.numel() / total if total > 0 else 0.0,
+        "router_entropy": float(entropy.mean()) if entropy.numel() else 0.0,
+    }
+
+
+# ---- balancing losses ----------------------------------------------------------------------------
+
+def switch_balance_loss(scores: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """E * sum_i f_i * P_i   (Switch Transformer, Fedus et al. 2021, eq. 4).
+
+    f_i: fraction of the N*k assignments that went to expert i (no gradient); P_i: mean of scores[:, i].
+    With softmax scores its minimum, 1, is reached by perfectly uniform routing.
+    """
+    f = torch.bincount(experts.reshape(-1), minlength=n_experts).float() / max(experts.numel(), 1)
+    return n_experts * (f * scores.float().mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2   (ST-MoE, Zoph et al. 2022, eq. 5): keeps logits small."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def sequence_balance_loss(scores: torch.Tensor, experts: torch.Tensor, n_experts: int, batch: int,
+                          seq: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eq. 17-20), without alpha.
+
+    Per sequence of T tokens:  sum_i f_i P_i  with  f_i = E / (k T) * #{t: i chosen for t}  and
+    P_i = 1/T sum_t s'_{i,t},  s' = scores normalised to sum to 1 per token. Averaged over the batch;
+    1 when every sequence spreads its tokens and its affinity evenly. scores: [batch*seq, E], experts:
+    [batch*seq, k].
+    """
+    if scores.shape[0] != batch * seq or experts.shape[0] != batch * seq:
+        raise ValueError(f"scores and experts must have batch*seq = {batch * seq} rows, got "
+                         f"{scores.shape[0]} and {experts.shape[0]}")
+    k = experts.shape[1]
+    s = scores.float()
+    p = (s / s.sum(-1, keepdim=True)).view(batch, seq, n_experts).mean(1)               # [B, E]
+    hits = F.one_hot(experts.reshape(batch, seq * k), n_experts).sum(1).float()          # [B, E]
+    f = hits * n_experts / (k * seq)
+    return (f * p).sum(-1).mean()
+
+
+# ---- the oracle ----------------------------------------------------------------------------------
+
+def dense_reference(moe: MoE, x, token_ids=None, task_ids=None) -> torch.Tensor:
+    """What `MoE.forward` must compute, by brute force: every expert on every token.
+
+    Builds the [N, E] combine matrix from the router output (0 for unchosen experts and for assignments
+    beyond capacity, counted independently of `dispatch` with a cumulative sum), then y = sum_e C[:, e] *
+    expert_e(x), plus the shared experts. O(N * E) work: for tests only.
+    """
+    B, T, d = x.shape
+    N, E = B * T, moe.n_experts
+    flat = x.reshape(N, d)
+    r = moe.router(flat, *_flat_ids(token_ids, task_ids, B, T))
+    k = r.experts.shape[1]
+    weights = r.weights
+    capacity = moe.capacity(N * k)
+    if capacity is not None:
+        onehot = F.one_hot(r.experts.reshape(-1), E)                        # [N*k, E] in token order
+        rank = (onehot.cumsum(0) - 1).gather(1, r.experts.reshape(-1, 1))   # earlier assignments to the same expert
+        weights = weights * (rank.view(N, k) < capacity)
+    combine = weights.new_zeros(N, E).scatter_add(1, r.experts, weights)
+    gate, up = torch.einsum("nd,edf->enf", flat, moe.experts.w_gate_up).chunk(2, dim=-1)
+    every = torch.einsum("enf,efd->end", F.silu(gate) * up, moe.experts.w_down)  # [E, N, d]
+    y = torch.einsum("ne,end->nd", combine.to(every.dtype), every)
+    if moe.shared is not None:
+        y = y + moe.shared(flat)
+    return y.view(B, T, d)
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+def _check_sizes(**sizes) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_top_k(top_k: int, n_experts: int) -> None:
+    if top_k > n_experts:
+        raise ValueError(f"top_k={top_k} cannot exceed n_experts={n_experts}")
