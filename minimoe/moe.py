@@ -143,13 +143,7 @@ class HashRouter(nn.Module):
 
     def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
         """x: [N, d_model] (only its length and device are used), token_ids: [N] -> RouterOutput."""
-        if token_ids is None:
-            raise ValueError("HashRouter needs token_ids (the token id of each of the N tokens)")
-        token_ids = token_ids.reshape(-1)
-        if token_ids.numel() != x.shape[0]:
-            raise ValueError(f"token_ids has {token_ids.numel()} entries for {x.shape[0]} tokens")
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.vocab_size):
-            raise ValueError(f"token_ids must lie in [0, vocab_size={self.vocab_size})")
+        token_ids = _check_ids("token_ids", token_ids, x.shape[0], "vocab_size", self.vocab_size, "HashRouter")
         experts = self.table[token_ids]
         weights = torch.full(experts.shape, 1.0 / self.top_k, device=x.device)
         scores = torch.zeros(x.shape[0], self.n_experts, device=x.device).scatter_(1, experts, weights)
@@ -191,13 +185,7 @@ class TaskRouter(nn.Module):
 
     def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
         """x: [N, d_model], task_ids: [N] in [0, n_tasks) -> RouterOutput."""
-        if task_ids is None:
-            raise ValueError("TaskRouter needs task_ids (the task id of each of the N tokens)")
-        task_ids = task_ids.reshape(-1)
-        if task_ids.numel() != x.shape[0]:
-            raise ValueError(f"task_ids has {task_ids.numel()} entries for {x.shape[0]} tokens")
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.n_tasks):
-            raise ValueError(f"task_ids must lie in [0, n_tasks={self.n_tasks})")
+        task_ids = _check_ids("task_ids", task_ids, x.shape[0], "n_tasks", self.n_tasks, "TaskRouter")
         logits = self.gate(x).float()
         masked = logits.masked_fill(~self.task_mask[task_ids], float("-inf"))
         scores = masked.softmax(dim=-1)
@@ -437,3 +425,15 @@ def _check_sizes(**sizes) -> None:
 def _check_top_k(top_k: int, n_experts: int) -> None:
     if top_k > n_experts:
         raise ValueError(f"top_k={top_k} cannot exceed n_experts={n_experts}")
+
+
+def _check_ids(name: str, ids, n_tokens: int, limit_name: str, limit: int, who: str) -> torch.Tensor:
+    """ids (any shape holding one id per token) -> [N], or a ValueError naming `name`."""
+    if ids is None:
+        raise ValueError(f"{who} needs {name} (one id for each of the N tokens)")
+    ids = ids.reshape(-1)
+    if ids.numel() != n_tokens:
+        raise ValueError(f"{name} has {ids.numel()} entries for {n_tokens} tokens")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+        raise ValueError(f"{name} must lie in [0, {limit_name}={limit})")
+    return ids
