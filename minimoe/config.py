@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ATTENTION_KINDS = ("mha",)  # "mha" covers grouped-query attention too (n_kv_heads < n_heads)
-PLANNED_ATTENTION_KINDS = ("mla",)  # multi-head latent attention: chapter 1's latent-attention section
+# "mha" covers grouped-query attention too (n_kv_heads < n_heads); "mla" is DeepSeek's multi-head latent attention
+ATTENTION_KINDS = ("mha", "mla")
 ROUTER_KINDS = ("softmax", "deepseek", "hash", "task")
 
 
@@ -31,14 +31,31 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # Multi-head latent attention (attention="mla", DeepSeek-V2/V3); ignored for "mha". None = default below.
+    q_lora_rank: int | None = None        # query compression rank; None = full-rank queries (DeepSeek-V2-Lite)
+    kv_lora_rank: int | None = None       # the cached latent's width; default d_model // 4
+    qk_nope_head_dim: int | None = None   # per-head query/key dims without rotary; default head_dim
+    qk_rope_head_dim: int | None = None   # decoupled rotary dims (one key shared by all heads); default head_dim // 2
+    v_head_dim: int | None = None         # per-head value dims; default head_dim
     # Mixture-of-Experts fields (n_experts = 0 means every layer is a dense SwiGLU MLP)
     n_experts: int = 0
     top_k: int = 2
     n_shared_experts: int = 0
-    moe_d_ff: int | None = None
+    moe_d_ff: int | None = None           # width of one expert (and of one shared expert); None = d_ff
     router: str = "softmax"
     capacity_factor: float | None = None  # None = dropless
-    first_dense_layers: int = 0
+    first_dense_layers: int = 0           # DeepSeek-V3's first_k_dense_replace: the first k layers stay dense
+    norm_topk_prob: bool = True           # softmax/task routers: renormalise the k kept probabilities
+    n_group: int = 1                      # deepseek router: group-limited routing over n_group groups ...
+    topk_group: int = 1                   # ... of which a token may use topk_group
+    routed_scaling_factor: float = 1.0    # deepseek router: scale of the combine weights
+    n_tasks: int = 1                      # task router: number of tasks (each owns n_experts // n_tasks experts)
+    hash_seed: int = 0                    # hash router: seed of the fixed token -> expert table
+    # balancing (coefficients multiply losses added to ModelOutput.aux_loss)
+    aux_loss_coef: float = 0.0            # Switch load-balancing loss
+    z_loss_coef: float = 0.0              # router z-loss
+    seq_aux_loss_coef: float = 0.0        # DeepSeek-V3 sequence-wise balance loss
+    bias_update_speed: float | None = None  # deepseek router's gamma; None = 1e-3 (DeepSeek-V3), 0 = off
     extra: dict = field(default_factory=dict)  # free-form notes (recipe name, ...); ignored by the model
 
     def __post_init__(self):
@@ -46,6 +63,17 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None and isinstance(self.d_model, int) and self.d_model > 0:
             self.d_ff = 32 * -(-(8 * self.d_model) // (3 * 32))
+        if self.attention == "mla" and _ints(self.d_model, self.n_heads) and self.n_heads > 0:
+            hd = self.d_model // self.n_heads
+            defaults = dict(kv_lora_rank=self.d_model // 4, qk_nope_head_dim=hd, qk_rope_head_dim=hd // 2,
+                            v_head_dim=hd)
+            for name, value in defaults.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        if self.n_experts and self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
+        if self.router == "deepseek" and self.bias_update_speed is None:
+            self.bias_update_speed = 1e-3
         self.validate()
 
     @property
@@ -62,9 +90,6 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for rotary embeddings "
                              "(change d_model or n_heads)")
-        if self.attention in PLANNED_ATTENTION_KINDS:
-            raise ValueError(f"attention={self.attention!r} is not implemented in this version of minimoe; "
-                             f"use one of {ATTENTION_KINDS}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
@@ -79,7 +104,22 @@ class ModelConfig:
             raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+        if self.attention == "mla":
+            self._validate_mla()
         self._validate_moe()
+
+    def _validate_mla(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive_int(self, name)
+        if self.q_lora_rank is not None:
+            _positive_int(self, "q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary embeddings")
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers whose MLP is a Mixture-of-Experts (empty for a dense model)."""
+        return list(range(self.first_dense_layers, self.n_layers)) if self.n_experts else []
 
     def _validate_moe(self) -> None:
         if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
@@ -99,10 +139,42 @@ class ModelConfig:
         if self.moe_d_ff is not None:
             _positive_int(self, "moe_d_ff")
         if self.capacity_factor is not None and not (
-                isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+                _number(self.capacity_factor) and self.capacity_factor > 0):
             raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}")
-        raise ValueError(f"n_experts={self.n_experts}: Mixture-of-Experts layers are not implemented in this "
-                         "version of minimoe; use n_experts=0 (dense)")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"norm_topk_prob must be True or False, got {self.norm_topk_prob!r}")
+        for name in ("n_group", "topk_group", "n_tasks"):
+            _positive_int(self, name)
+        if self.n_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} must divide n_experts={self.n_experts}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} cannot exceed n_group={self.n_group}")
+        if self.router == "deepseek" and self.top_k > self.topk_group * (self.n_experts // self.n_group):
+            raise ValueError(f"top_k={self.top_k} exceeds the experts reachable in topk_group={self.topk_group} "
+                             f"groups of {self.n_experts // self.n_group}")
+        if self.router != "deepseek" and (self.n_group, self.topk_group) != (1, 1):
+            raise ValueError(f"n_group / topk_group apply to router='deepseek' only (router={self.router!r})")
+        if self.router == "task" and self.n_experts // self.n_tasks < self.top_k:
+            raise ValueError(f"n_tasks={self.n_tasks}: each task owns n_experts // n_tasks = "
+                             f"{self.n_experts // self.n_tasks} experts, fewer than top_k={self.top_k}")
+        if self.router != "task" and self.n_tasks != 1:
+            raise ValueError(f"n_tasks applies to router='task' only (router={self.router!r})")
+        if not (_number(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
+            raise ValueError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
+        if not isinstance(self.hash_seed, int) or isinstance(self.hash_seed, bool):
+            raise ValueError(f"hash_seed must be an integer, got {self.hash_seed!r}")
+        for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef"):
+            value = getattr(self, name)
+            if not (_number(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.router == "hash" and (self.aux_loss_coef or self.z_loss_coef or self.seq_aux_loss_coef):
+            raise ValueError("aux_loss_coef / z_loss_coef / seq_aux_loss_coef need a learned router; "
+                             "router='hash' has none")
+        gamma = self.bias_update_speed
+        if gamma is not None and not (_number(gamma) and gamma >= 0):
+            raise ValueError(f"bias_update_speed must be a number >= 0, got {gamma!r}")
+        if self.router != "deepseek" and gamma:
+            raise ValueError(f"bias_update_speed applies to router='deepseek' only (router={self.router!r})")
 
     # ---- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -131,6 +203,14 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e})") from None
         return cls.from_dict(d)
+
+
+def _ints(*values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive_int(cfg: ModelConfig, name: str) -> None:

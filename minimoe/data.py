@@ -371,11 +371,13 @@ class TokenDataset:
         return p / p.sum()
 
     def sample_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator,
-                     weights: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     weights: dict[str, float] | None = None, return_domains: bool = False):
         """Random training windows -> (x, y), LongTensors [batch_size, seq_len], y[t] = x[t+1].
 
         Each row picks a domain (by ``weights``, normalized; missing domains get 0; default
         equal per domain, regardless of domain size), then a uniform window in that stream.
+        return_domains=True adds a third LongTensor [batch_size]: each row's index in ``self.domains``
+        (the task id of a task-routed model).
         """
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -394,6 +396,8 @@ class TokenDataset:
                 stream = self.streams[d]
                 starts = rng.integers(0, len(stream) - seq_len, size=len(rows))
                 windows[rows] = stream[starts[:, None] + offsets]  # fancy-index gather [r, T+1]
+        if return_domains:
+            return (*self._xy(windows), torch.from_numpy(dom.astype(np.int64)))
         return self._xy(windows)
 
     @staticmethod
@@ -404,7 +408,7 @@ class TokenDataset:
         return x, y
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None,
-                     domain: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     domain: str | None = None, return_domains: bool = False) -> Iterator[tuple]:
         """Deterministic (x, y) batches of non-overlapping windows, domain by domain (sorted).
 
         Window k covers stream[k*seq_len : k*seq_len + seq_len + 1], so every token is a
@@ -412,6 +416,8 @@ class TokenDataset:
         have fewer than ``batch_size`` rows. ``max_batches`` caps the total (shared evenly
         between domains) and then takes windows evenly spaced through each stream, so a
         short evaluation still sees the whole stream rather than just its first files.
+        return_domains=True adds each batch's domain index in ``self.domains`` (one per row, like
+        ``sample_batch``).
         """
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -432,15 +438,18 @@ class TokenDataset:
             idx = np.arange(k, dtype=np.int64) * n_win // max(k, 1)
             if k:
                 plan.append((d, idx))
-        return self._eval_iter(plan, batch_size, seq_len)
+        return self._eval_iter(plan, batch_size, seq_len, return_domains)
 
-    def _eval_iter(self, plan, batch_size, seq_len):
+    def _eval_iter(self, plan, batch_size, seq_len, return_domains=False):
         offsets = np.arange(seq_len + 1)
         for d, idx in plan:
             stream = self.streams[d]
             for b in range(0, len(idx), batch_size):
                 starts = idx[b : b + batch_size] * seq_len
-                yield self._xy(stream[starts[:, None] + offsets].astype(np.int64))
+                xy = self._xy(stream[starts[:, None] + offsets].astype(np.int64))
+                if return_domains:
+                    xy = (*xy, torch.full((len(starts),), self.domains.index(d), dtype=torch.long))
+                yield xy
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{d}: {len(s):,} tokens" for d, s in self.streams.items())

@@ -11,7 +11,7 @@ weighted results back. Each part can be swapped without touching the others:
 
 The balancing losses a training loop may add (Switch, router z-loss, DeepSeek-V3's sequence-wise loss)
 and `dense_reference`, the brute-force oracle the tests compare `MoE` to, live here too.
-This module is standalone: it takes its settings as constructor arguments, not from a ModelConfig.
+The parts take their settings as constructor arguments; `build_moe(cfg)` builds a layer from a ModelConfig.
 """
 from __future__ import annotations
 
@@ -218,11 +218,27 @@ class GroupedExperts(nn.Module):
         nn.init.uniform_(self.w_down, -d_ff ** -0.5, d_ff ** -0.5)
 
     def forward(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """x_sorted: [M, d_model], grouped by expert in expert order; counts: [E] (list or tensor) -> [M, d_model]."""
+        """x_sorted: [M, d_model], grouped by expert in expert order; counts: [E] (list or tensor) -> [M, d_model].
+
+        Runs `grouped_swiglu` (minimoe/grouped_experts.py), a hand-written autograd function that computes
+        what `loop_forward` computes with far fewer kernels and temporaries.
+        """
+        from .grouped_experts import grouped_swiglu  # here, not at the top: keeps this edit inside the class
+        return grouped_swiglu(x_sorted, self.w_gate_up, self.w_down, self._counts(x_sorted, counts))
+
+    def _counts(self, x_sorted: torch.Tensor, counts) -> list[int]:
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         if len(counts) != self.n_experts or sum(counts) != x_sorted.shape[0]:
             raise ValueError(f"counts must have {self.n_experts} entries summing to {x_sorted.shape[0]} tokens, "
                              f"got {counts}")
+        return counts
+
+    def loop_forward(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+        """The same function as `forward`, as a plain loop over the experts that autograd records op by op.
+
+        The reference the fast path is tested against, and the readable statement of what an expert computes.
+        """
+        counts = self._counts(x_sorted, counts)
         # unbind, not self.w_gate_up[e] inside the loop: the backward of each index op allocates a full
         # [E, ...] zero gradient and adds into it, E times over (4-6x slower backward at E=64 on a CPU, and
         # it grows with E); unbind's backward stacks the E slices once.
@@ -267,6 +283,9 @@ class MoE(nn.Module):
     every token passes through. capacity_factor=None is dropless; otherwise each expert computes at most
     ceil(capacity_factor * N * k / E) assignments and drops the rest (GShard / Switch), which then add
     nothing: the token still reaches the next layer through the residual connection outside this module.
+
+    After a forward, `stats()` describes the routing (computed on demand, so training pays nothing for it),
+    and in training mode the per-expert loads add up in `pending_load` until `finish_step` consumes them.
     """
 
     def __init__(self, d_model: int, d_ff: int, router: nn.Module, n_experts: int, n_shared_experts: int = 0,
@@ -285,8 +304,11 @@ class MoE(nn.Module):
         self.router = router
         self.experts = GroupedExperts(n_experts, d_model, d_ff)
         self.shared = SwiGLU(d_model, n_shared_experts * d_ff) if n_shared_experts else None
-        self.last_tokens_per_expert: torch.Tensor | None = None  # for DeepSeekRouter.update_bias
+        self.last_tokens_per_expert: torch.Tensor | None = None  # [E] assignments of the last forward
         self.last_router_output: RouterOutput | None = None      # for the balancing losses
+        self.last_dispatch: Dispatch | None = None
+        self.last_shape: tuple[int, int] | None = None           # (batch, seq) of the last forward
+        self.pending_load: torch.Tensor | None = None            # [E] summed over training forwards
 
     def capacity(self, n_assignments: int) -> int | None:
         """Assignments one expert may compute for a batch of n_assignments = N * k; None = dropless."""
@@ -294,12 +316,8 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * n_assignments / self.n_experts)
 
-    def forward(self, x, token_ids=None, task_ids=None) -> tuple[torch.Tensor, dict]:
-        """x: [batch, seq, d_model]; token_ids: [batch, seq]; task_ids: [batch] or [batch, seq].
-
-        Returns y [batch, seq, d_model] and stats (python numbers): tokens_per_expert (before dropping),
-        max_vio, dropped_fraction, router_entropy.
-        """
+    def forward(self, x, token_ids=None, task_ids=None) -> torch.Tensor:
+        """x: [batch, seq, d_model]; token_ids: [batch, seq]; task_ids: [batch] or [batch, seq] -> y like x."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         r = self.router(flat, *_flat_ids(token_ids, task_ids, B, T))
@@ -308,12 +326,82 @@ class MoE(nn.Module):
         token = plan.order // k                                   # [M] which token each kept assignment serves
         out = self.experts(flat[token], plan.kept_counts)         # [M, d]
         out = out * r.weights.reshape(-1)[plan.order, None].to(out.dtype)
-        y = torch.zeros_like(flat).index_add_(0, token, out)      # a token's k results add up
+        y = flat.new_zeros(B * T, d, dtype=out.dtype).index_add_(0, token, out)  # a token's k results add up
         if self.shared is not None:
             y = y + self.shared(flat)
-        self.last_tokens_per_expert = plan.counts.detach()
-        self.last_router_output = r
-        return y.view(B, T, d), routing_stats(r, plan)
+        counts = plan.counts.detach()
+        self.last_tokens_per_expert, self.last_router_output, self.last_dispatch = counts, r, plan
+        self.last_shape = (B, T)
+        if self.training:
+            self.pending_load = counts if self.pending_load is None else self.pending_load + counts
+        return y.view(B, T, d)
+
+    def stats(self) -> dict:
+        """Routing statistics of the last forward (see `routing_stats`)."""
+        if self.last_router_output is None:
+            raise RuntimeError("stats() needs a forward pass first")
+        return routing_stats(self.last_router_output, self.last_dispatch)
+
+    def balance_loss(self, aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
+                     seq_aux_loss_coef: float = 0.0) -> torch.Tensor:
+        """The weighted balancing losses of the last forward (a differentiable scalar; 0 if all coefs are 0)."""
+        r = self.last_router_output
+        if r is None:
+            raise RuntimeError("balance_loss() needs a forward pass first")
+        loss = r.scores.new_zeros(())
+        if aux_loss_coef:
+            loss = loss + aux_loss_coef * switch_balance_loss(r.scores, r.experts, self.n_experts)
+        if z_loss_coef:
+            loss = loss + z_loss_coef * router_z_loss(r.logits)
+        if seq_aux_loss_coef:
+            loss = loss + seq_aux_loss_coef * sequence_balance_loss(r.scores, r.experts, self.n_experts,
+                                                                    *self.last_shape)
+        return loss
+
+    @torch.no_grad()
+    def finish_step(self, bias_update_speed: float = 0.0) -> torch.Tensor | None:
+        """End of an optimizer step: return the load summed since the last call, and reset it.
+
+        With a DeepSeekRouter and bias_update_speed > 0, first move the router's bias towards balance
+        (auxiliary-loss-free balancing). Under torch.distributed the load is summed over all ranks first,
+        so every rank applies the same update and the biases stay identical.
+        """
+        load, self.pending_load = self.pending_load, None
+        if load is None:
+            return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            load = load.clone()
+            torch.distributed.all_reduce(load)
+        if bias_update_speed and isinstance(self.router, DeepSeekRouter):
+            self.router.update_bias(load, bias_update_speed)
+        return load
+
+
+def max_violation(load) -> float:
+    """MaxVio = (max load - mean load) / mean load (arXiv 2408.15664): 0 when perfectly balanced."""
+    load = torch.as_tensor(load, dtype=torch.float64)
+    mean = float(load.mean())
+    return (float(load.max()) - mean) / mean if mean > 0 else 0.0
+
+
+def build_router(cfg) -> nn.Module:
+    """The router a ModelConfig names (cfg.router), sized from its MoE fields."""
+    if cfg.router == "softmax":
+        return SoftmaxTopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, norm_topk_prob=cfg.norm_topk_prob)
+    if cfg.router == "deepseek":
+        return DeepSeekRouter(cfg.d_model, cfg.n_experts, cfg.top_k, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                              routed_scaling_factor=cfg.routed_scaling_factor)
+    if cfg.router == "hash":
+        return HashRouter(cfg.n_experts, cfg.top_k, cfg.vocab_size, seed=cfg.hash_seed)
+    if cfg.router == "task":
+        return TaskRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.n_tasks, norm_topk_prob=cfg.norm_topk_prob)
+    raise ValueError(f"unknown router {cfg.router!r}")
+
+
+def build_moe(cfg) -> MoE:
+    """The MoE layer of a ModelConfig with n_experts > 0."""
+    return MoE(cfg.d_model, cfg.moe_d_ff, build_router(cfg), cfg.n_experts, cfg.n_shared_experts,
+               cfg.capacity_factor)
 
 
 def _flat_ids(token_ids, task_ids, B: int, T: int):
@@ -335,14 +423,12 @@ def routing_stats(r: RouterOutput, plan: Dispatch) -> dict:
     max_vio = (max load - mean load) / mean load (the "MaxVio" of arXiv 2408.15664): 0 when perfectly
     balanced. router_entropy: mean over tokens of the entropy of scores / sum(scores), in nats.
     """
-    counts = plan.counts.float()
-    total = float(counts.sum())
-    mean = total / counts.numel()
+    total = float(plan.counts.sum())
     p = r.scores.float() / r.scores.float().sum(-1, keepdim=True).clamp_min(1e-30)
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
     return {
         "tokens_per_expert": plan.counts.tolist(),
-        "max_vio": (float(counts.max()) - mean) / mean if mean > 0 else 0.0,
+        "max_vio": max_violation(plan.counts),
         "dropped_fraction": 1.0 - plan.order.numel() / total if total > 0 else 0.0,
         "router_entropy": float(entropy.mean()) if entropy.numel() else 0.0,
     }

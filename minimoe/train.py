@@ -22,6 +22,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_training_state, s
 from .config import ModelConfig
 from .device import resolve_device, tune_cpu_allocator
 from .model import MiniLM
+from .moe import max_violation
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -142,24 +143,47 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 @torch.no_grad()
 def evaluate(model: MiniLM, dataset: "data_lib.TokenDataset", batch_size: int = 16, seq_len: int = 256,
              max_batches: int | None = 8, domain: str | None = None, precision: str = "fp32") -> dict:
-    """Mean next-token loss (nats) and bits per byte on deterministic held-out windows."""
+    """Mean next-token loss (nats) and bits per byte on deterministic held-out windows.
+
+    For an MoE model also "max_vio": the global MaxVio of the whole evaluation (per-layer loads summed over
+    all batches, MaxVio per layer, averaged over layers; arXiv 2408.15664's MaxVio_global).
+    Task-routed models get each window's domain index as its task id.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tok = data_lib.ByteTokenizer()
     nats, n_targets, n_bytes = 0.0, 0, 0
+    moes = model.moe_modules()
+    loads = [0] * len(moes)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    for x, y in dataset.eval_batches(batch_size, seq_len, max_batches=max_batches, domain=domain):
+    for x, y, task in dataset.eval_batches(batch_size, seq_len, max_batches=max_batches, domain=domain,
+                                           return_domains=True):
         x, y = x.to(device), y.to(device)
         with autocast:
-            loss = model(x, targets=y).loss
+            loss = model(x, targets=y, **_task_kwargs(model, task, device)).loss
         nats += float(loss) * y.numel()
         n_targets += y.numel()
         n_bytes += tok.count_bytes(y.flatten())
+        loads = [load + moe.last_tokens_per_expert for load, moe in zip(loads, moes)]
     model.train(was_training)
     if n_targets == 0:
         raise ValueError("the validation set is too short for one evaluation window")
-    return {"loss": nats / n_targets, "bpb": nats / math.log(2) / max(n_bytes, 1), "tokens": n_targets}
+    out = {"loss": nats / n_targets, "bpb": nats / math.log(2) / max(n_bytes, 1), "tokens": n_targets}
+    if moes:
+        out["max_vio"] = sum(max_violation(load) for load in loads) / len(loads)
+    return out
+
+
+def _task_kwargs(model: MiniLM, domains: torch.Tensor, device) -> dict:
+    """{"task_ids": domain indices} for task-routed models; {} for all others."""
+    cfg = model.config
+    if not (cfg.n_experts and cfg.router == "task"):
+        return {}
+    if int(domains.max()) >= cfg.n_tasks:
+        raise ValueError(f"the data has more domains than the model has tasks (n_tasks={cfg.n_tasks}); "
+                         "a task-routed model needs n_tasks >= the number of domains")
+    return {"task_ids": domains.to(device)}
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, out_dir: str | Path | None = None,
@@ -211,23 +235,29 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
 
     def run_eval(step):
         r = evaluate(raw_model, val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches, precision=cfg.precision)
-        history["eval"].append({"step": step, "val_loss": r["loss"], "val_bpb": r["bpb"]})
+        row = {"step": step, "val_loss": r["loss"], "val_bpb": r["bpb"]}
+        if "max_vio" in r:
+            row["val_max_vio"] = r["max_vio"]
+        history["eval"].append(row)
         return r
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress,
                unit="step", dynamic_ncols=True)
     model.train()
+    task_routed = bool(raw_model.config.n_experts) and raw_model.config.router == "task"
     t0 = time.perf_counter()
     for step in bar:
         loss_sum = 0.0
         for micro in range(cfg.accumulation_steps):
-            x, y = train_ds.sample_batch(cfg.batch_size, cfg.seq_len, rng, weights=cfg.domain_weights)
-            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            batch = train_ds.sample_batch(cfg.batch_size, cfg.seq_len, rng, weights=cfg.domain_weights,
+                                          **({"return_domains": True} if task_routed else {}))
+            x, y = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
+            kw = _task_kwargs(raw_model, batch[2], accelerator.device) if task_routed else {}
             last = micro == cfg.accumulation_steps - 1
             # between micro-batches there is nothing to all-reduce yet (matters under DDP)
             with nullcontext() if last else accelerator.no_sync(model):
-                out = model(x, targets=y)
+                out = model(x, targets=y, **kw)
                 loss = (out.loss + out.aux_loss) / cfg.accumulation_steps
                 accelerator.backward(loss)
             loss_sum += float(out.loss.detach()) / cfg.accumulation_steps
@@ -236,6 +266,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        routing = raw_model.finish_step()  # MoE: the step's load (MaxVio), and DeepSeek's bias update
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(loss_sum):
@@ -243,7 +274,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
                                      "(try a lower lr or more warm-up)")
         history["train"].append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                                  "tokens": (step + 1) * cfg.tokens_per_step,
-                                 "seconds": time.perf_counter() - t0})
+                                 "seconds": time.perf_counter() - t0, **routing})
         postfix = {"loss": f"{loss_sum:.3f}", "lr": f"{lr:.2e}"}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             postfix["val_bpb"] = f"{run_eval(step + 1)['bpb']:.3f}"

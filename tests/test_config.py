@@ -26,12 +26,25 @@ def test_defaults_resolve_and_round_trip(tmp_path):
     (dict(n_heads=2.5), "n_heads"),
     (dict(d_model=12, n_heads=4), "head_dim"),
     (dict(attention="sparse"), "attention"),
-    (dict(attention="mla"), "attention"),
+    (dict(attention="mla", kv_lora_rank=0), "kv_lora_rank"),
+    (dict(attention="mla", q_lora_rank=-2), "q_lora_rank"),
     (dict(router="magic"), "router"),
     (dict(n_experts=-1), "n_experts"),
     (dict(n_experts=4, top_k=5), "top_k"),
     (dict(n_experts=4, capacity_factor=0.0), "capacity_factor"),
     (dict(first_dense_layers=9), "first_dense_layers"),
+    (dict(n_experts=8, router="deepseek", n_group=3), "n_group"),
+    (dict(n_experts=8, router="deepseek", n_group=2, topk_group=3), "topk_group"),
+    (dict(n_experts=8, top_k=5, router="deepseek", n_group=2, topk_group=1), "top_k"),
+    (dict(n_experts=8, router="softmax", n_group=2), "n_group"),
+    (dict(n_experts=8, top_k=3, router="task", n_tasks=4), "n_tasks"),
+    (dict(n_experts=8, router="softmax", n_tasks=2), "n_tasks"),
+    (dict(n_experts=4, capacity_factor=-1.0), "capacity_factor"),
+    (dict(n_experts=4, routed_scaling_factor=0), "routed_scaling_factor"),
+    (dict(n_experts=4, aux_loss_coef=-0.1), "aux_loss_coef"),
+    (dict(n_experts=4, router="hash", z_loss_coef=1e-3), "z_loss_coef"),
+    (dict(n_experts=4, router="softmax", bias_update_speed=1e-3), "bias_update_speed"),
+    (dict(n_experts=4, norm_topk_prob="yes"), "norm_topk_prob"),
     (dict(rope_theta=0), "rope_theta"),
     (dict(norm_eps=-1.0), "norm_eps"),
     (dict(dropout=1.0), "dropout"),
@@ -42,9 +55,15 @@ def test_invalid_fields_raise_naming_the_field(fields, name):
         ModelConfig(**fields)
 
 
-def test_moe_not_yet_available_says_so():
-    with pytest.raises(ValueError, match="n_experts"):
-        ModelConfig(n_experts=8, top_k=2)
+def test_moe_and_mla_defaults():
+    cfg = ModelConfig(d_model=64, n_layers=3, n_heads=4, n_experts=8, router="deepseek", first_dense_layers=1)
+    assert cfg.moe_d_ff == cfg.d_ff and cfg.bias_update_speed == 1e-3 and cfg.moe_layers == [1, 2]
+    assert ModelConfig(n_experts=0).moe_layers == []
+    assert ModelConfig(n_experts=4, router="softmax").bias_update_speed is None
+    mla = ModelConfig(d_model=64, n_heads=4, attention="mla")
+    assert (mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) == (16, 16, 8, 16)
+    assert mla.q_lora_rank is None
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and ModelConfig.from_dict(mla.to_dict()) == mla
 
 
 def test_from_dict_rejects_unknown_fields_and_bad_json(tmp_path):
