@@ -439,11 +439,13 @@ def routing_stats(r: RouterOutput, plan: Dispatch) -> dict:
 def switch_balance_loss(scores: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """E * sum_i f_i * P_i   (Switch Transformer, Fedus et al. 2021, eq. 4).
 
-    f_i: fraction of the N*k assignments that went to expert i (no gradient); P_i: mean of scores[:, i].
-    With softmax scores its minimum, 1, is reached by perfectly uniform routing.
+    f_i: fraction of the N*k assignments that went to expert i (no gradient); P_i: mean over tokens of
+    scores[:, i] / sum(scores) (a no-op for softmax scores; sigmoid affinities are normalised per token as in
+    DeepSeek-V3 eq. 19). Its minimum, 1, is reached by perfectly uniform routing.
     """
     f = torch.bincount(experts.reshape(-1), minlength=n_experts).float() / max(experts.numel(), 1)
-    return n_experts * (f * scores.float().mean(0)).sum()
+    s = scores.float()
+    return n_experts * (f * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
