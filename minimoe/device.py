@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import statistics
 import sys
 import time
 
@@ -86,3 +87,18 @@ class Timer:
             synchronize(self.device)
             self.seconds = time.perf_counter() - self._t0
         return False
+
+
+def median_seconds(fn, device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeats` calls after `warmup` untimed ones (CUDA events on a GPU)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as t:
+            fn()
+        times.append(t.seconds)
+    return statistics.median(times)

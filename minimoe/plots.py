@@ -50,3 +50,22 @@ def plot_decode(rows: list[dict], ax=None):
     ax.set_yscale("log")
     ax.legend()
     return ax
+
+
+def plot_seed_bands(ax, groups: dict, xlabel: str, ylabel: str, logy: bool = False):
+    """One line per group: the mean over seeds, with a band from the lowest to the highest seed.
+
+    groups: {label: [(xs, ys) for each seed]} with the same xs for every seed of a group.
+    """
+    for label, runs in groups.items():
+        xs = np.asarray(runs[0][0], dtype=float)
+        ys = np.array([np.asarray(y, dtype=float) for _, y in runs])
+        line, = ax.plot(xs, ys.mean(0), label=f"{label} (mean of {len(runs)} seeds)")
+        ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax

@@ -146,7 +146,8 @@ def evaluate(model: MiniLM, dataset: "data_lib.TokenDataset", batch_size: int = 
     """Mean next-token loss (nats) and bits per byte on deterministic held-out windows.
 
     For an MoE model also "max_vio": the global MaxVio of the whole evaluation (per-layer loads summed over
-    all batches, MaxVio per layer, averaged over layers; arXiv 2408.15664's MaxVio_global).
+    all batches, MaxVio per layer, averaged over layers; arXiv 2408.15664's MaxVio_global), and
+    "expert_load": those per-layer loads (assignments per expert).
     Task-routed models get each window's domain index as its task id.
     """
     was_training = model.training
@@ -172,6 +173,7 @@ def evaluate(model: MiniLM, dataset: "data_lib.TokenDataset", batch_size: int = 
     out = {"loss": nats / n_targets, "bpb": nats / math.log(2) / max(n_bytes, 1), "tokens": n_targets}
     if moes:
         out["max_vio"] = sum(max_violation(load) for load in loads) / len(loads)
+        out["expert_load"] = [load.tolist() for load in loads]  # per MoE layer: assignments per expert
     return out
 
 

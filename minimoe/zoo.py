@@ -64,6 +64,41 @@ register(Recipe(
 ))
 
 
+# ---- chapter 1: a small DeepSeekMoE (fine-grained + shared experts), its balancing study and task routing ----
+# 16 routed experts of width 32, 4 per token, plus one shared expert; the first layer stays dense as in
+# DeepSeek-V3. Every variant trains for the same 300 steps x 1024 tokens, with three seeds each.
+MOE_TINY = dict(d_model=64, n_layers=3, n_heads=4, max_seq_len=128, n_experts=16, top_k=4, moe_d_ff=32,
+                n_shared_experts=1, router="deepseek", first_dense_layers=1)
+MOE_TINY_TRAIN = dict(steps=300, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
+                      eval_batches=8)
+SEEDS = (0, 1, 2)
+# balancing method -> (recipe base name, ModelConfig changes). gamma = 0.005 was chosen from a sweep over
+# {0.1, 0.03, 0.01, 0.005} on these runs (chapter 1, "DeepSeekMoE"); the aux-loss alpha = 0.01 was not tuned.
+BALANCING = {
+    "bias": ("moe-tiny", dict(bias_update_speed=0.005)),
+    "aux-loss": ("moe-tiny-aux-loss", dict(bias_update_speed=0.0, aux_loss_coef=0.01)),
+    "none": ("moe-tiny-unbalanced", dict(bias_update_speed=0.0)),
+}
+TASK_ROUTED = ("moe-tiny-task", dict(router="task", n_tasks=2, bias_update_speed=None))
+
+
+def seed_names(base: str) -> list[str]:
+    """The recipe names of `base` trained with each of SEEDS: base, base-s1, base-s2."""
+    return [base if seed == 0 else f"{base}-s{seed}" for seed in SEEDS]
+
+
+for _base, _changes, _what in [
+        *((b, c, f"balancing: {m}") for m, (b, c) in BALANCING.items()),
+        (*TASK_ROUTED, "task-routed: code and prose each own 8 of the 16 experts")]:
+    for _seed, _name in zip(SEEDS, seed_names(_base)):
+        register(Recipe(
+            name=_name,
+            description=f"3-layer 64-wide DeepSeekMoE (16 experts, top-4, 1 shared), {_what}, seed {_seed}",
+            model={**MOE_TINY, **_changes},
+            train={**MOE_TINY_TRAIN, "seed": _seed},
+        ))
+
+
 @dataclass
 class ZooEntry:
     name: str
