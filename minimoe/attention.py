@@ -66,12 +66,12 @@ class CausalSelfAttention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.n_kv_heads != self.n_heads:  # share each key/value head across its group of query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # enable_gqa: each key/value head serves its group of n_heads / n_kv_heads query heads, without
+        # copying it n_heads / n_kv_heads times (repeat_interleave) at every step
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(T, past, x.device),
                                            is_causal=(past == 0 and T > 1),
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -65,15 +65,23 @@ CLAIMS: tuple[Claim, ...] = (
                  "attention' (read as MLA); GPT-4 = MoE system on a dense Transformer with fixed "
                  "routing; Claude = constitutional AI with an 'ethics layer' and self-correction; "
                  "PaLM-2 = path selection, sparse activation, task adaptation"),
-        ours="", where=None, verdict=NOT_YET,
-        why="Chapter 1 builds each named mechanism at small scale before comparing them.",
+        ours=("Built and measured each named mechanism: DeepSeekMoE with bias balancing (MaxVio cut >= 5x at "
+              "an equal-or-better loss, 3 seeds), multi-head latent attention (KV cache 1,536 vs 8,192 bytes "
+              "per token for MHA at 4x256), hash ('fixed') routing and task-path routing with per-task "
+              "extraction; a dense baseline"),
+        where="01-architecture/03-deepseekmoe.ipynb", verdict="not measurable at this scale",
+        why=("DeepSeek's papers describe MoE + MLA (not 'hierarchical attention'); GPT-4's and PaLM-2's "
+             "architectures are unpublished, so the attributions cannot be checked, only the mechanisms."),
     ),
     Claim(
         id="A2", chapter=1,
         article=("Listing `DynamicMoE(num_experts=64, capacity_factor=1.2)`: gate, softmax, top-k, "
                  "capacity mask, aggregate"),
-        ours="", where=None, verdict=NOT_YET,
-        why="Needs the listing run as written beside a working top-k MoE layer.",
+        ours=("Runs only after 6 fixes; then computes N*E expert rows (every expert on every token) where a "
+              "top-k layer computes N*k; capacity is int(1.2*d_model/64) whatever the batch; outputs ignore "
+              "the routing weights, so the gate never gets a gradient"),
+        where="01-architecture/02-dynamic-moe.ipynb", verdict="contradicted",
+        why="As printed it does not run, and once made to run it is neither sparse nor trainable.",
         defect=("Whether the listing runs and is sparse: it never sets `self.k`; derives capacity "
                 "from d_model / num_experts instead of tokens per expert; runs every expert on "
                 "every token (dense cost); indexes a Python list with a tensor; aggregates with the "
@@ -85,8 +93,12 @@ CLAIMS: tuple[Claim, ...] = (
                  "no MoE / static paths; parameter utilization 83% / 68% / 100% / 75%; "
                  "single-layer latency 18 / 22 / 25 / 20 ms; memory 1.2 GB per expert / "
                  "1.8 GB per expert / n.a. / 1.5 GB per path"),
-        ours="", where=None, verdict=NOT_YET,
-        why="Needs active/total parameter counts and per-layer timings of our dense and MoE models.",
+        ours=("Utilization (active / total, counted) 20-31% for our equal-active MoEs, 100% dense; DeepSeek-V3 "
+              "counted at 37.6B of 671.0B (5.6%); one V3 routed expert is 44M parameters = 88 MB in bf16; "
+              "per-layer latency measured on our CPU with stated batch and width"),
+        where="01-architecture/06-architecture-table.ipynb", verdict="contradicted",
+        why=("83% is not a sparse MoE (V3's own report: 37B of 671B); 1.2 GB per expert is 14x V3's expert; "
+             "the latencies give no hardware, batch or width to check them against."),
         defect=("Whether 83% utilization is possible for a sparse MoE: DeepSeek-V3's report gives "
                 "37B of 671B parameters active per token (about 5.5%); the book computes "
                 "active / total for its own models."),

@@ -49,6 +49,9 @@ class Cache:
     """One KV cache per layer, built by each layer's attention (so other attention kinds bring their own)."""
 
     def __init__(self, model: "MiniLM", batch: int, max_len: int):
+        if max_len > model.config.max_seq_len:  # rotary tables end there: later positions would be garbage
+            raise ValueError(f"a cache of max_len={max_len} exceeds the model's max_seq_len="
+                             f"{model.config.max_seq_len}")
         p = model.embed.weight
         self.layers = [blk.attn.new_cache(batch, max_len, p.device, p.dtype) for blk in model.blocks]
         self.max_len = max_len
