@@ -22,14 +22,13 @@ active and total parameters. The notebook book/01-architecture/06-architecture-t
 from __future__ import annotations
 
 import platform
-import statistics
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention import kv_cache_bytes_per_token
 from .config import ModelConfig
-from .device import Timer, resolve_device
+from .device import median_seconds, resolve_device
 from .model import MiniLM
 from .moe import MoE
 
@@ -137,16 +136,7 @@ def device_name(device: torch.device) -> str:
 
 def median_ms(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of fn() in milliseconds (CUDA events on a GPU, see minimoe.device.Timer)."""
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        with Timer(device) as t:
-            fn()
-        times.append(t.seconds)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, device, repeats=repeats, warmup=warmup)
 
 
 def _batch(cfg: ModelConfig, tokens: int, seq_len: int, device, seed: int):

@@ -130,7 +130,6 @@ def test_training_step_reduces_loss_and_all_parameters_get_gradients():
     assert losses[-1] < 0.5 * losses[0]  # memorising one batch
 
 
-
 def test_cache_longer_than_the_rotary_table_is_rejected(tiny_config):
     from minimoe.model import Cache
     model = MiniLM(tiny_config)
