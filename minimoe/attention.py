@@ -135,7 +135,8 @@ class MultiHeadLatentAttention(nn.Module):
     `forward` is the straightforward ("naive") computation: it expands the whole cached latent through
     W_ukv into per-head keys and values at every step. At inference DeepSeek absorbs instead: q_nope_h . W_uk_h
     c_kv = (W_uk_h^T q_nope_h) . c_kv, so W_uk folds into the query, and W_uv into the output projection,
-    and attention runs directly on the cached latent; `forward_absorbed` computes that form.
+    and attention runs directly on the cached latent; `forward_absorbed` computes that form, with the heads
+    folded into the query rows of the one shared key/value head, so that each step reads the cache once.
     Layer names follow DeepSeek-V3 in Hugging Face transformers (q_proj or q_a_proj / q_a_layernorm /
     q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), except that its o_proj is `out` here.
     """
@@ -211,25 +212,47 @@ class MultiHeadLatentAttention(nn.Module):
         With W_ukv split per head into W_uk_h [nope, r] and W_uv_h [v, r] (r = kv_lora_rank):
             q_nope_h . (W_uk_h c_kv) = (W_uk_h^T q_nope_h) . c_kv        -> absorb W_uk into the query
             sum_s p_s (W_uv_h c_kv_s) = W_uv_h (sum_s p_s c_kv_s)        -> apply W_uv after attention
-        so every head attends over the shared [c_kv | k_rope] (one key/value "head", as in multi-query
-        attention) with queries [W_uk_h^T q_nope_h | q_rope_h], and the cache is never expanded. DeepSeek-V2
-        (section 2.1.2) goes one step further and multiplies W_uv into W_o ahead of time.
+        so every head attends over the shared [c_kv | k_rope] with queries [W_uk_h^T q_nope_h | q_rope_h] and
+        values c_kv, and the cache is never expanded. DeepSeek-V2 (section 2.1.2) goes one step further and
+        multiplies W_uv into W_o ahead of time.
+
+        After absorption all heads share one key/value head, as in multi-query attention. Expanding it to
+        n_heads heads (even as a stride-0 view) makes a CPU's SDPA, whose fused kernel needs equal query and
+        value widths, fall back to its reference kernel, which materializes n_heads copies of the cache at
+        every step. So the heads are folded into the query rows of that single head instead:
+        q [B, 1, H * T, r + rope] against k [B, 1, S, r + rope] and v = c_kv [B, 1, S, r]; row h * T + t is
+        query t of head h. The cache is read once per step, whatever the attention kernel: on a CPU, where the
+        widths still differ, that is the reference kernel's matrix products on one head instead of n_heads
+        materialized copies. (A GPU's fused kernels accept both layouts and read a stride-0 view without
+        copying it; there folding saves no copy, and on an H200 in bf16 it measured slower at long contexts.)
+        T = 1 (decoding) needs no mask; for T > 1 an explicit causal mask [H * T, S] replaces `is_causal`,
+        whose alignment assumes one row per query position.
+
+        Meant for inference. In training mode with dropout > 0 it drops attention weights like `forward`: each
+        weight of each head and query independently (not the same random draws), since dropout on p_s commutes
+        with applying W_uv after the weighted sum.
+        x: [batch, seq, d_model] -> [batch, seq, d_model].
         """
         B, T, _ = x.shape
-        H, r = self.n_heads, self.kv_lora_rank
+        H, r, rope = self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim
         past = cache.length if cache is not None else 0
         q_nope, q_rope = self._queries(x, past)
         c_kv, k_rope = self._latent(x, past)
         if cache is not None:
             c_kv, k_rope = cache.append(c_kv, k_rope)
-        S = c_kv.shape[1]
+        S = c_kv.shape[1]                                                                # past + T
         w_ukv = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w_ukv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)      # [H, nope, r], [H, v, r]
-        q = torch.cat([q_nope @ w_uk, q_rope], dim=-1)                                   # [B, H, T, r + rope]
-        k = torch.cat([c_kv, k_rope], dim=-1)[:, None].expand(B, H, S, r + self.qk_rope_head_dim)
-        v = c_kv[:, None].expand(B, H, S, r)
-        y_latent = self._attend(q, k, v, T, past)                                        # [B, H, T, r]
-        y = y_latent @ w_uv.transpose(1, 2)                                              # [B, H, T, v_head_dim]
+        q = torch.cat([q_nope @ w_uk, q_rope], dim=-1).reshape(B, 1, H * T, r + rope)  # heads folded into rows
+        k = torch.cat([c_kv, k_rope], dim=-1)[:, None]                                  # [B, 1, S, r + rope]
+        mask = None
+        if T > 1:  # row h * T + t holds the query at position past + t: it sees keys 0 .. past + t
+            positions = torch.arange(S, device=x.device)
+            mask = (positions[None, :] <= positions[past:, None]).repeat(H, 1)          # [H * T, S]
+        y_latent = F.scaled_dot_product_attention(q, k, c_kv[:, None], attn_mask=mask,
+                                                  dropout_p=self.dropout if self.training else 0.0,
+                                                  scale=self.softmax_scale)             # [B, 1, H * T, r]
+        y = y_latent.view(B, H, T, r) @ w_uv.transpose(1, 2)                            # [B, H, T, v_head_dim]
         return self.out(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
 

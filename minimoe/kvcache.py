@@ -1,5 +1,5 @@
 """Measuring KV caches at decode time: FLOPs and cache bytes per step, decode-step and generation timers, the
-memory bandwidth a step can hope for, and MLA's absorbed decode with the heads folded into one key/value head
+memory bandwidth a step can hope for, and a switch to MLA's absorbed form for whole models
 (chapter 1, "Latent attention: a smaller KV cache").
 
 One decode step appends one token per sequence to a cache that already holds `past` positions and attends over
@@ -10,6 +10,7 @@ all S = past + 1 of them. What that costs depends on the attention kind:
                      latent through W_ukv: S * kv_lora_rank * n_heads * (nope + v) mult-adds per step
     MLA, absorbed:   reads the same latent and attends on it directly (DeepSeek-V2, arXiv 2405.04434, sec. 2.1.2):
                      ~n_heads * (2 * kv_lora_rank + rope) * S mult-adds, no expansion
+                     (`MultiHeadLatentAttention.forward_absorbed`)
 """
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .attention import CausalSelfAttention, LatentKVCache, MultiHeadLatentAttention, kv_cache_bytes_per_token
+from .attention import CausalSelfAttention, MultiHeadLatentAttention, kv_cache_bytes_per_token
 from .config import ModelConfig
 from .device import Timer, resolve_device
 from .model import Cache
@@ -58,49 +58,15 @@ def cache_bytes_read_per_step(cfg: ModelConfig, past: int, dtype: torch.dtype = 
     return (past + 1) * kv_cache_bytes_per_token(cfg, dtype) // cfg.n_layers
 
 
-def absorbed_decode(attn: MultiHeadLatentAttention, x: torch.Tensor,
-                    cache: LatentKVCache | None = None) -> torch.Tensor:
-    """`attn.forward_absorbed` with the heads folded into the query rows; inference only (no dropout).
-
-    After absorption every head attends over the same [c_kv | k_rope] and the same values c_kv: one key/value
-    head, as in multi-query attention. forward_absorbed expands that head to n_heads (a stride-0 view), but a
-    CPU's SDPA falls back to its reference kernel when query and value widths differ and materializes the
-    expansion, n_heads copies of the cache per step. Here the n_heads * T queries become rows of a single
-    head instead: q [B, 1, H * T, r + rope] against k [B, 1, S, r + rope], so the cache is read once.
-    x: [batch, seq, d_model] -> [batch, seq, d_model].
-    """
-    B, T, _ = x.shape
-    H, r = attn.n_heads, attn.kv_lora_rank
-    past = cache.length if cache is not None else 0
-    q_nope, q_rope = attn._queries(x, past)
-    c_kv, k_rope = attn._latent(x, past)
-    if cache is not None:
-        c_kv, k_rope = cache.append(c_kv, k_rope)
-    S = c_kv.shape[1]
-    w_uk, w_uv = attn.kv_b_proj.weight.view(H, attn.qk_nope_head_dim + attn.v_head_dim, r).split(
-        [attn.qk_nope_head_dim, attn.v_head_dim], dim=1)                        # [H, nope, r], [H, v, r]
-    q = torch.cat([q_nope @ w_uk, q_rope], dim=-1).reshape(B, 1, H * T, r + attn.qk_rope_head_dim)
-    k = torch.cat([c_kv, k_rope], dim=-1)[:, None]                              # [B, 1, S, r + rope]
-    mask = None
-    if T > 1:  # row h * T + t is query t of head h, at position past + t: it sees keys 0 .. past + t
-        allowed = torch.arange(S, device=x.device)[None, :] <= torch.arange(T, device=x.device)[:, None] + past
-        mask = allowed.repeat(H, 1)                                             # [H * T, S]
-    y = F.scaled_dot_product_attention(q, k, c_kv[:, None], attn_mask=mask, scale=attn.softmax_scale)
-    y = y.view(B, H, T, r) @ w_uv.transpose(1, 2)                               # [B, H, T, v_head_dim]
-    return attn.out(y.transpose(1, 2).reshape(B, T, H * attn.v_head_dim))
-
-
 @contextlib.contextmanager
-def absorbed_attention(model: nn.Module, fold_heads: bool = True):
-    """Inside the block every MLA layer of `model` computes its absorbed form, so `model.generate` uses it.
+def absorbed_attention(model: nn.Module):
+    """Inside the block every MLA layer of `model` computes `forward_absorbed`, so `model.generate` uses it.
 
-    fold_heads=True uses `absorbed_decode`; False uses the layer's own `forward_absorbed`. Yields the number
-    of layers switched (0 for a model without MLA). Each layer's `forward` is restored on exit.
+    Yields the number of layers switched (0 for a model without MLA). Each layer's `forward` is restored on exit.
     """
     layers = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
     for attn in layers:  # an instance attribute shadows the class's forward, and nn.Module.__call__ finds it
-        attn.forward = (lambda x, cache=None, a=attn: absorbed_decode(a, x, cache)) if fold_heads \
-            else attn.forward_absorbed
+        attn.forward = attn.forward_absorbed
     try:
         yield len(layers)
     finally:

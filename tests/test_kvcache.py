@@ -1,4 +1,6 @@
-"""Decode-time accounting and MLA's folded absorbed decode (minimoe.kvcache)."""
+"""Decode-time accounting (minimoe.kvcache) and MLA's absorbed form at decode time."""
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -6,8 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minimoe import MiniLM, ModelConfig
 from minimoe.attention import CausalSelfAttention, MultiHeadLatentAttention, kv_cache_bytes_per_token
-from minimoe.kvcache import (absorbed_attention, absorbed_decode, cache_bytes_read_per_step, decode_step_flops,
-                             device_label, read_bandwidth, time_decode_step, time_generate, time_model_step)
+from minimoe.kvcache import (absorbed_attention, cache_bytes_read_per_step, decode_step_flops, device_label,
+                             read_bandwidth, time_decode_step, time_generate, time_model_step)
 
 KINDS = {
     "mha": dict(),
@@ -46,8 +48,6 @@ def test_decode_step_flops_match_flop_counter(kind, past):
     assert counted_flops(attn.forward, attn, past) == decode_step_flops(cfg, past)
     if cfg.attention == "mla":
         assert counted_flops(attn.forward_absorbed, attn, past) == decode_step_flops(cfg, past, absorbed=True)
-        folded = lambda x, cache: absorbed_decode(attn, x, cache)  # noqa: E731
-        assert counted_flops(folded, attn, past) == decode_step_flops(cfg, past, absorbed=True)
 
 
 def test_decode_step_flops_rejects_bad_arguments():
@@ -77,33 +77,68 @@ def test_cache_bytes_read_per_step(kind):
 
 
 @pytest.mark.parametrize("kind", ["mla", "mla_q"])
-def test_absorbed_decode_matches_forward(kind):
+def test_forward_absorbed_matches_forward(kind):
     cfg = config(kind)
     attn = layer(cfg)
     x = torch.randn(2, 11, cfg.d_model)
     with torch.no_grad():
         expected = attn(x)
-        torch.testing.assert_close(absorbed_decode(attn, x), expected, atol=1e-5, rtol=1e-4)  # causal, no cache
+        torch.testing.assert_close(attn.forward_absorbed(x), expected, atol=1e-5, rtol=1e-5)  # causal, no cache
         cache = attn.new_cache(2, 16, "cpu", torch.float32)  # prefill 4, a chunk of 3 after a past, then steps
-        chunks = [absorbed_decode(attn, x[:, :4], cache), absorbed_decode(attn, x[:, 4:7], cache)]
-        chunks += [absorbed_decode(attn, x[:, t:t + 1], cache) for t in range(7, 11)]
-        torch.testing.assert_close(torch.cat(chunks, dim=1), expected, atol=1e-5, rtol=1e-4)
+        chunks = [attn.forward_absorbed(x[:, :4], cache), attn.forward_absorbed(x[:, 4:7], cache)]
+        chunks += [attn.forward_absorbed(x[:, t:t + 1], cache) for t in range(7, 11)]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), expected, atol=1e-5, rtol=1e-5)
         assert cache.length == 11
 
 
-@pytest.mark.parametrize("fold_heads", [True, False])
-def test_absorbed_attention_generates_the_same_tokens_and_restores_forward(fold_heads):
+def test_forward_absorbed_reads_one_unexpanded_key_value_head():
+    """The heads are folded into query rows: SDPA sees one key/value head, the cached latent itself."""
+    cfg = config("mla")
+    attn = layer(cfg)
+    cache = attn.new_cache(2, 16, "cpu", torch.float32)
+    cache.length = 9
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.shape, k.shape, v.shape, v.stride()))
+        return sdpa(q, k, v, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        attn.forward_absorbed(torch.randn(2, 3, cfg.d_model), cache)
+    H, r, rope = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    (q_shape, k_shape, v_shape, v_stride), = seen
+    assert (q_shape, k_shape, v_shape) == ((2, 1, H * 3, r + rope), (2, 1, 12, r + rope), (2, 1, 12, r))
+    assert 0 not in v_stride  # no stride-0 expansion to n_heads
+
+
+def test_forward_absorbed_dropout_in_training_mode():
+    """Dropout on the attention weights, as in `forward`: random in training, off in eval mode."""
+    cfg = dataclasses.replace(config("mla"), dropout=0.5)
+    torch.manual_seed(0)
+    attn = MultiHeadLatentAttention(cfg)
+    x = torch.randn(2, 6, cfg.d_model)
+    with torch.no_grad():
+        attn.eval()
+        torch.testing.assert_close(attn.forward_absorbed(x), attn(x), atol=1e-5, rtol=1e-5)
+        attn.train()
+        a, b = attn.forward_absorbed(x), attn.forward_absorbed(x)
+    assert a.shape == x.shape and not torch.allclose(a, b)
+
+
+def test_absorbed_attention_generates_the_same_tokens_and_restores_forward():
     torch.manual_seed(0)
     model = MiniLM(config("mla_q")).eval()
     prompt = torch.randint(0, 64, (2, 6))
     expected = model.generate(prompt, 10)
     with torch.no_grad():
         logits = model(prompt).logits
-    with absorbed_attention(model, fold_heads=fold_heads) as n:
+    with absorbed_attention(model) as n:
         assert n == model.config.n_layers
+        assert all(blk.attn.forward == blk.attn.forward_absorbed for blk in model.blocks)
         assert torch.equal(model.generate(prompt, 10), expected)
         with torch.no_grad():
-            torch.testing.assert_close(model(prompt).logits, logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(model(prompt).logits, logits, atol=1e-5, rtol=1e-5)
     assert all("forward" not in vars(blk.attn) for blk in model.blocks)
 
 

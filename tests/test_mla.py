@@ -146,7 +146,8 @@ def test_later_tokens_do_not_change_earlier_logits():
 
 @Q_LORA_RANKS
 def test_absorbed_path_equals_naive(q_lora_rank):
-    """W_uk folded into the query and W_uv applied after attention: same numbers, unexpanded cache."""
+    """W_uk folded into the query and W_uv applied after attention, heads folded into the query rows of one
+    key/value head: same numbers without a cache, token by token, and in chunks of T > 1 after a cached past."""
     torch.manual_seed(0)
     cfg = mla_config(q_lora_rank)
     attn = MultiHeadLatentAttention(cfg)
@@ -157,6 +158,22 @@ def test_absorbed_path_equals_naive(q_lora_rank):
     parts = [attn.forward_absorbed(x[:, a:b], cache) for a, b in ((0, 4), (4, 7), (7, 8), (8, 9), (9, 10))]
     torch.testing.assert_close(torch.cat(parts, dim=1), naive, atol=1e-5, rtol=1e-5)
 
+
+
+@Q_LORA_RANKS
+def test_absorbed_path_has_the_same_gradients(q_lora_rank):
+    """Same function, so the same gradients (for every parameter, W_ukv through its absorbed halves)."""
+    torch.manual_seed(0)
+    cfg = mla_config(q_lora_rank)
+    attn = MultiHeadLatentAttention(cfg)
+    x, w = torch.randn(2, 7, cfg.d_model), torch.randn(2, 7, cfg.d_model)
+    grads = []
+    for fn in (attn.forward, attn.forward_absorbed):
+        attn.zero_grad()
+        (fn(x) * w).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in attn.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
 
 # ---- the cache holds only the latent ------------------------------------------------------------------------
 
