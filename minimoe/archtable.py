@@ -21,14 +21,13 @@ active and total parameters. The notebook book/01-architecture/06-architecture-t
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention import kv_cache_bytes_per_token
 from .config import ModelConfig
-from .device import median_seconds, resolve_device
+from .device import device_name, median_seconds, resolve_device
 from .model import MiniLM
 from .moe import MoE
 
@@ -117,19 +116,6 @@ def path_parameters(model: MiniLM, task: int = 0) -> int:
     unreachable = cfg.n_experts - cfg.n_experts // cfg.n_tasks
     per_layer = unreachable * (expert_parameters(cfg) + cfg.d_model)  # an expert and its row of the gate
     return model.num_parameters() - per_layer * len(model.moe_modules())
-
-
-def device_name(device: torch.device) -> str:
-    """The accelerator's name, or the CPU's model name and the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{device.type}: {cpu}, {torch.get_num_threads()} thread(s)"
 
 
 # ---- timing --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .config import ModelConfig
-from .device import Timer, resolve_device, synchronize, tune_cpu_allocator
+from .device import Timer, device_name, resolve_device, synchronize, tune_cpu_allocator
 from .model import MiniLM
 from .train import TrainConfig, make_optimizer
 
@@ -73,7 +73,7 @@ def bench_train(config: ModelConfig, batch_size: int = 16, seq_len: int = 256, p
     return {"precision": precision, "params": model.num_parameters(), "tokens_per_step": tokens,
             "step_ms": step_s * 1e3, "step_ms_spread": (max(times) - min(times)) * 1e3,
             "tokens_per_s": tokens / step_s, "model_tflops": achieved / 1e12,
-            "peak_tflops": peak / 1e12, "mfu": achieved / peak, "device": _device_name(device)}
+            "peak_tflops": peak / 1e12, "mfu": achieved / peak, "device": device_name(device)}
 
 
 def bench_decode(model: MiniLM, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,
@@ -102,9 +102,3 @@ def bench_decode(model: MiniLM, batch_size: int = 1, prompt_len: int = 128, new_
     result["speedup"] = result["uncached_s"] / result["cached_s"]
     result["same_tokens"] = bool(torch.equal(outputs[True], outputs[False]))
     return result
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({torch.get_num_threads()} threads)"

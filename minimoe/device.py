@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import statistics
 import sys
 import time
@@ -102,3 +103,21 @@ def median_seconds(fn, device, repeats: int = 5, warmup: int = 1) -> float:
             fn()
         times.append(t.seconds)
     return statistics.median(times)
+
+
+def device_name(device="cpu") -> str:
+    """A readable name for where timings ran: the GPU's name, or the CPU's model and torch's thread count."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor() or "CPU"
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' if threads != 1 else ''}"

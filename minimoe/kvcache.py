@@ -15,7 +15,6 @@ all S = past + 1 of them. What that costs depends on the attention kind:
 from __future__ import annotations
 
 import contextlib
-import platform
 import statistics
 from typing import Callable
 
@@ -174,19 +173,3 @@ def read_bandwidth(device="cpu", mbytes: int = 64, repeats: int = 5) -> float:
             buffer.sum()
         best = min(best, t.seconds)
     return buffer.numel() * buffer.element_size() / best
-
-
-def device_label(device="cpu") -> str:
-    """A readable name for where timings ran: the GPU's name, or the CPU's model and torch's thread count."""
-    device = resolve_device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    name = name or platform.processor() or "CPU"
-    threads = torch.get_num_threads()
-    return f"{name}, {threads} thread{'s' if threads != 1 else ''}" if device.type == "cpu" else name

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minimoe import MiniLM, ModelConfig
 from minimoe.attention import CausalSelfAttention, MultiHeadLatentAttention, kv_cache_bytes_per_token
-from minimoe.kvcache import (absorbed_attention, cache_bytes_read_per_step, decode_step_flops, device_label,
+from minimoe.kvcache import (absorbed_attention, cache_bytes_read_per_step, decode_step_flops,
                              read_bandwidth, time_decode_step, time_generate, time_model_step)
 
 KINDS = {
@@ -178,7 +178,8 @@ def test_time_model_step_leaves_a_usable_model(kind):
         time_model_step(model, batch=1, past=48)
 
 
-def test_read_bandwidth_and_device_label():
+def test_read_bandwidth_and_device_name():
+    from minimoe.device import device_name
     assert read_bandwidth("cpu", mbytes=4, repeats=2) > 1e6  # any machine reads more than 1 MB/s
-    label = device_label("cpu")
+    label = device_name("cpu")
     assert isinstance(label, str) and "thread" in label
