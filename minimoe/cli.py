@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                       ("batch-tokens", _positive_int), ("lr", float), ("warmup-steps", int),
                       ("eval-every", _positive_int), ("checkpoint-every", _positive_int), ("seed", int)):
         t.add_argument(f"--{name}", type=typ, help="override the recipe's training setting")
+    t.add_argument("--attention", choices=["mha", "mla"], help="mla = DeepSeek's multi-head latent attention")
+    for name, typ in (("n-experts", int), ("top-k", _positive_int), ("n-shared-experts", int),
+                      ("moe-d-ff", _positive_int), ("first-dense-layers", int), ("n-tasks", _positive_int),
+                      ("capacity-factor", float), ("bias-update-speed", float), ("aux-loss-coef", float)):
+        t.add_argument(f"--{name}", type=typ, help="override the recipe's Mixture-of-Experts setting "
+                                                   "(n-experts 0 = dense)")
+    t.add_argument("--router", choices=["softmax", "deepseek", "hash", "task"])
     t.add_argument("--schedule", choices=["cosine", "linear", "constant"])
     t.add_argument("--precision", choices=["fp32", "bf16"])
     t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ...")
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_positive_int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--task", type=int, help="task id, for task-routed models (e.g. moe-tiny-task: 0 code, 1 prose)")
     g.add_argument("--device", default="auto")
 
     z = sub.add_parser("zoo", help="list, train or locate the named models the book uses",
@@ -87,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[1, 8])
     bd.add_argument("--prompt-len", type=_positive_int, default=128)
     bd.add_argument("--new-tokens", type=_positive_int, default=128)
+    from .bench_moe import CONFIGS, DEFAULT_IMPLS, IMPLS
+    bm = bsub.add_parser("moe", help="an MoE layer against a dense SwiGLU of equal active FLOPs and transformers",
+                         description="Time one MoE layer, a dense SwiGLU doing the same active FLOPs and transformers' "
+                                     "MoE blocks (same weights, outputs checked), forward and forward+backward.")
+    bm.add_argument("--config", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    bm.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    bm.add_argument("--impl", nargs="+", choices=[i for i in IMPLS if i != "dense"], default=list(DEFAULT_IMPLS),
+                    help="implementations to time besides the dense baseline, which is always timed")
+    bm.add_argument("--tokens", type=_positive_int, default=4096)
+    bm.add_argument("--repeats", type=_positive_int, default=5, help="timed runs of each; the median is kept")
+    bm.add_argument("--quick", action="store_true", help="512 tokens, 2 repeats, 1 warm-up: a smoke test")
+    bm.add_argument("--device", default="auto")
+    bm.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -104,9 +125,13 @@ def _train(args) -> int:
     from .train import train
     r = zoo.recipe(args.recipe)
     model_fields = dict(r.model)
-    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "attention", "n_experts", "top_k",
+                 "n_shared_experts", "moe_d_ff", "first_dense_layers", "n_tasks", "capacity_factor",
+                 "bias_update_speed", "aux_loss_coef", "router"):
         if getattr(args, name) is not None:
             model_fields[name] = getattr(args, name)
+    if args.router is not None and args.router != "deepseek" and args.bias_update_speed is None:
+        model_fields.pop("bias_update_speed", None)  # the recipe's DeepSeek setting does not apply to other routers
     train_fields = dict(r.train)
     for name in ("steps", "batch_size", "seq_len", "batch_tokens", "lr", "warmup_steps", "eval_every",
                  "checkpoint_every", "seed", "schedule", "precision"):
@@ -145,7 +170,7 @@ def _generate(args) -> int:
         raise FileNotFoundError(f"{args.model!r} is neither a checkpoint folder nor a zoo model "
                                 f"({', '.join(sorted(zoo.RECIPES))})")
     print(sample_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed))
+                      top_p=args.top_p, seed=args.seed, task=args.task))
     return 0
 
 
@@ -153,7 +178,7 @@ def _zoo(args) -> int:
     from . import zoo
     if args.zoo_command == "list":
         for row in zoo.available():
-            print(f"{row['name']:<14} {'cached' if row['cached'] else 'not cached':<11} {row['description']}")
+            print(f"{row['name']:<24} {'cached' if row['cached'] else 'not cached':<11} {row['description']}")
     elif args.zoo_command == "train":
         print(zoo.train_recipe(args.name, force=args.force))
     else:
@@ -162,6 +187,8 @@ def _zoo(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.bench_command == "moe":
+        return _bench_moe(args)
     from .bench import bench_decode, bench_train
     from .config import ModelConfig
     cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, max_seq_len=256)
@@ -201,6 +228,33 @@ def _bench(args) -> int:
     for r in rows:
         print(f"{r['batch_size']:>5}{r['cached_tokens_per_s']:>14.0f}{r['uncached_tokens_per_s']:>16.0f}"
               f"{r['speedup']:>9.1f}x{str(r['same_tokens']):>13}")
+    return 0
+
+
+def _bench_moe(args) -> int:
+    from .bench_moe import MATCH_TOLERANCE, bench_moe, evaluate_goals
+    from .device import device_name, resolve_device
+    from .report import markdown_table
+    import torch
+    tokens, repeats, warmup = (512, 2, 1) if args.quick else (args.tokens, args.repeats, 2)
+    rows = bench_moe(configs=args.config, dtypes=args.dtype, tokens=tokens, repeats=repeats, warmup=warmup,
+                     device=args.device, impls=["minimoe", *args.impl])
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=1))
+        return 0
+    device = resolve_device(args.device)
+    print(f"MoE layer vs a dense SwiGLU of the same active FLOPs: {tokens} tokens, median of {repeats} runs, "
+          f"{device_name(device)}, torch {torch.__version__}")
+    if any(i.startswith("transformers") for i in args.impl):
+        print(f"transformers' blocks hold minimoe's weights; their fp32 outputs matched minimoe's (relative error "
+              f"<= {MATCH_TOLERANCE:.0e}) before timing")
+    print()
+    print(markdown_table(rows, {"config": "config", "pass": "pass", "dtype": "dtype", "impl": "impl", "ms": "ms:",
+                                "ratio_vs_dense": "vs dense:"}, {"ms": ".1f", "ratio_vs_dense": ".2f"}))
+    print()
+    for g in evaluate_goals(rows):
+        print(f"{'goal' if g['goal_of_issue'] else 'also'}: {g['goal']}: {'met' if g['met'] else 'NOT met'} "
+              f"({g['measured']})")
     return 0
 
 

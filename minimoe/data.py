@@ -273,14 +273,16 @@ def split_documents(docs, val_fraction: float = 0.05, seed: int = 0) -> tuple[li
 
     A source goes to val iff its hash is < val_fraction, so the split does not depend on
     the order or number of other documents, and a file's code and docstrings never leak
-    across. With >= 2 sources both sides are guaranteed non-empty.
+    across. With >= 2 sources both sides are guaranteed non-empty; a single source always trains.
     """
     if not (0.0 < val_fraction < 1.0):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     docs = list(docs)
     h = {s: _unit_hash(seed, s) for s in {d.source for d in docs}}
     val_sources = {s for s, v in h.items() if v < val_fraction}
-    if len(h) >= 2:
+    if len(h) == 1:
+        val_sources = set()  # nothing to hold out without leaving nothing to train on
+    elif len(h) >= 2:
         # Tiny corpora: the hash may put everything on one side; move the nearest source over.
         if not val_sources:
             val_sources = {min(h, key=h.get)}

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .grouped_experts import grouped_swiglu
 from .layers import SwiGLU
 
 
@@ -217,14 +218,16 @@ class GroupedExperts(nn.Module):
         nn.init.uniform_(self.w_gate_up, -d_model ** -0.5, d_model ** -0.5)
         nn.init.uniform_(self.w_down, -d_ff ** -0.5, d_ff ** -0.5)
 
-    def forward(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, counts, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x_sorted: [M, d_model], grouped by expert in expert order; counts: [E] (list or tensor) -> [M, d_model].
 
+        weights: optional [M] combine weights (sorted like x_sorted); the result is then weights[:, None] *
+        expert(x), computed by scaling the d_ff-wide hidden activations rather than the d_model-wide output,
+        which for fine-grained experts (d_ff < d_model) moves less memory forward and backward.
         Runs `grouped_swiglu` (minimoe/grouped_experts.py), a hand-written autograd function that computes
         what `loop_forward` computes with far fewer kernels and temporaries.
         """
-        from .grouped_experts import grouped_swiglu  # here, not at the top: keeps this edit inside the class
-        return grouped_swiglu(x_sorted, self.w_gate_up, self.w_down, self._counts(x_sorted, counts))
+        return grouped_swiglu(x_sorted, self.w_gate_up, self.w_down, self._counts(x_sorted, counts), weights)
 
     def _counts(self, x_sorted: torch.Tensor, counts) -> list[int]:
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
@@ -233,11 +236,14 @@ class GroupedExperts(nn.Module):
                              f"got {counts}")
         return counts
 
-    def loop_forward(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+    def loop_forward(self, x_sorted: torch.Tensor, counts, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The same function as `forward`, as a plain loop over the experts that autograd records op by op.
 
         The reference the fast path is tested against, and the readable statement of what an expert computes.
         """
+        if weights is not None:
+            out = self.loop_forward(x_sorted, counts)
+            return out * weights[:, None].to(out.dtype)
         counts = self._counts(x_sorted, counts)
         # unbind, not self.w_gate_up[e] inside the loop: the backward of each index op allocates a full
         # [E, ...] zero gradient and adds into it, E times over (4-6x slower backward at E=64 on a CPU, and
@@ -324,11 +330,17 @@ class MoE(nn.Module):
         k = r.experts.shape[1]
         plan = dispatch(r.experts, self.n_experts, self.capacity(B * T * k))
         token = plan.order // k                                   # [M] which token each kept assignment serves
-        out = self.experts(flat[token], plan.kept_counts)         # [M, d]
-        out = out * r.weights.reshape(-1)[plan.order, None].to(out.dtype)
-        y = flat.new_zeros(B * T, d, dtype=out.dtype).index_add_(0, token, out)  # a token's k results add up
-        if self.shared is not None:
-            y = y + self.shared(flat)
+        weights = r.weights.reshape(-1)[plan.order]               # [M] their combine weights
+        # index_select, not flat[token]: its backward is one index_add_, not a serial accumulating index_put_
+        xs = flat.index_select(0, token)
+        if self.experts.d_ff <= d:  # fine-grained experts: scale the narrower hidden activations, not the output
+            out = self.experts(xs, plan.kept_counts, weights)    # [M, d]
+        else:
+            out = self.experts(xs, plan.kept_counts)
+            out = out * weights[:, None].to(out.dtype)
+        # a token's k results add up, onto the shared experts' output when there are shared experts
+        y = self.shared(flat) if self.shared is not None else flat.new_zeros(B * T, d, dtype=out.dtype)
+        y = y.to(out.dtype).index_add_(0, token, out)
         counts = plan.counts.detach()
         self.last_tokens_per_expert, self.last_router_output, self.last_dispatch = counts, r, plan
         self.last_shape = (B, T)

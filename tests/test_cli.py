@@ -266,3 +266,19 @@ def test_matmul_peak_is_positive():
     import torch
     peak = minimoe.bench.matmul_peak(torch.float32, "cpu", sizes=(64,), repeats=1)
     assert math.isfinite(peak) and peak > 0
+
+
+def test_train_a_task_routed_moe_then_generate_per_task(tmp_path, text_files, capsys):
+    ck = tmp_path / "moe"
+    a, b = text_files
+    code, out, err = run(["train", "--out", ck, "--data", a, b, *TINY_ARGS, "--steps", 2, "--eval-every", 2,
+                          "--n-experts", 4, "--top-k", 1, "--moe-d-ff", 16, "--router", "task", "--n-tasks", 2,
+                          "--attention", "mla"], capsys)
+    assert code == 0, err
+    cfg = load_checkpoint(ck).config
+    assert (cfg.n_experts, cfg.router, cfg.n_tasks, cfg.attention) == (4, "task", 2, "mla")
+    gen = ["generate", ck, "--prompt", "x", "--max-new-tokens", 4, "--device", "cpu"]
+    code, out, err = run([*gen, "--task", 1], capsys)
+    assert code == 0, err
+    code, out, err = run(gen, capsys)  # a task-routed model needs a task
+    assert code == 2 and "task_ids is required" in err
