@@ -134,3 +134,30 @@ def grouped_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
         row_weights = row_weights.to(x.dtype).contiguous()
     return GroupedSwiGLUFunction.apply(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), row_weights,
                                        tuple(int(n) for n in counts))
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """True where `grouped_swiglu_mm` runs: bf16 on a CUDA GPU of compute capability 9.0 or newer (Hopper),
+    the case torch._grouped_mm's fused kernels (and their backward) cover."""
+    return (x.is_cuda and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def grouped_swiglu_mm(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
+                      row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """What `grouped_swiglu` computes, with each projection of all E experts as ONE grouped matmul kernel.
+
+    On a GPU the per-expert loop is launch-bound (two matmuls per expert, a host sync for the block sizes);
+    torch._grouped_mm takes the blocks' end offsets as a device tensor instead, so the layer runs as a handful
+    of kernels whatever E is, and autograd differentiates it. counts: [E] tensor on x's device. bf16 only.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+    offs = torch.cumsum(counts.to(x.device), 0, dtype=torch.int32)
+    f = w_down.shape[1]
+    gu = torch._grouped_mm(x, w_gate_up, offs=offs)
+    h = F.silu(gu[:, :f]) * gu[:, f:]
+    if row_weights is not None:
+        h = h * row_weights[:, None].to(h.dtype)
+    return torch._grouped_mm(h, w_down, offs=offs)

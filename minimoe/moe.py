@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .grouped_experts import grouped_swiglu
+from .grouped_experts import grouped_mm_available, grouped_swiglu, grouped_swiglu_mm
 from .layers import SwiGLU
 
 
@@ -225,8 +225,12 @@ class GroupedExperts(nn.Module):
         expert(x), computed by scaling the d_ff-wide hidden activations rather than the d_model-wide output,
         which for fine-grained experts (d_ff < d_model) moves less memory forward and backward.
         Runs `grouped_swiglu` (minimoe/grouped_experts.py), a hand-written autograd function that computes
-        what `loop_forward` computes with far fewer kernels and temporaries.
+        what `loop_forward` computes with far fewer kernels and temporaries; in bf16 on a Hopper GPU,
+        `grouped_swiglu_mm` (one grouped matmul kernel per projection for all experts) instead.
         """
+        if x_sorted.dtype == torch.bfloat16 or torch.is_autocast_enabled(x_sorted.device.type):
+            if grouped_mm_available(x_sorted) and isinstance(counts, torch.Tensor):  # Hopper GPUs: no host sync
+                return grouped_swiglu_mm(x_sorted, self.w_gate_up, self.w_down, counts, weights)
         return grouped_swiglu(x_sorted, self.w_gate_up, self.w_down, self._counts(x_sorted, counts), weights)
 
     def _counts(self, x_sorted: torch.Tensor, counts) -> list[int]:
