@@ -53,6 +53,9 @@ def correctness(device) -> dict:
                    data=data, progress=False)
     out["train 20 steps: final loss"] = result.history["train"][-1]["loss"]
     out["train 20 steps: bias moved"] = bool(result.model.moe_modules()[0].router.bias.abs().sum() > 0)
+    bf16 = train(cfg, TrainConfig(steps=20, batch_size=8, seq_len=64, eval_every=10, device=str(device),
+                                  precision="bf16"), data=data, progress=False)
+    out["train 20 steps bf16 autocast (grouped_mm experts): final loss"] = bf16.history["train"][-1]["loss"]
     return out
 
 
@@ -73,19 +76,29 @@ def decode_steps(device, pasts=(1024, 8192, 32768), repeats: int = 20) -> list[d
     return rows
 
 
+def _bench(device) -> dict:
+    rows = bench_moe(device=device, impls=("minimoe", "transformers", "dense"), repeats=20, warmup=5)
+    return {"rows": rows, "goals": evaluate_goals(rows)}
+
+
 def main(path: str) -> None:
     device = torch.device("cuda")
     t0 = time.time()
     report = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
               "script": "scripts/chapter1_gpu.py"}
-    report["correctness"] = correctness(device)
-    print(json.dumps(report["correctness"], indent=1), flush=True)
-    rows = bench_moe(device=device, impls=("minimoe", "transformers", "dense"), repeats=20, warmup=5)
-    report["bench_moe"] = {"rows": rows, "goals": evaluate_goals(rows)}
-    print(json.dumps(report["bench_moe"]["goals"], indent=1), flush=True)
-    report["architecture"] = {str(n): architecture_rows(device=device, tokens=n, repeats=20) for n in (512, 8192)}
-    report["decode_step"] = decode_steps(device)
+    sections = {
+        "correctness": lambda: correctness(device),
+        "bench_moe": lambda: _bench(device),
+        "architecture": lambda: {str(n): architecture_rows(device=device, tokens=n, repeats=20) for n in (512, 8192)},
+        "decode_step": lambda: decode_steps(device),
+    }
+    for name, run in sections.items():  # one failing section must not cost the others' device time
+        try:
+            report[name] = run()
+        except Exception as e:  # noqa: BLE001 - recorded in the report, and printed
+            report[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(name, json.dumps(report[name], default=str)[:2000], flush=True)
     report["seconds"] = time.time() - t0
     with open(path, "w") as f:
         json.dump(report, f, indent=1, default=str)
