@@ -40,9 +40,9 @@ def correctness(device) -> dict:
     task = MiniLM(ModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=64, n_experts=8, top_k=2,
                               router="task", n_tasks=2)).to(device).eval()
     ids = torch.randint(0, 256, (2, 16), device=device)
+    second_task = torch.ones(2, dtype=torch.long, device=device)
     with torch.inference_mode():
-        diff = (task.extract_task(1)(ids).logits - task(ids, task_ids=torch.ones(2, dtype=torch.long,
-                                                                                  device=device)).logits).abs().max()
+        diff = (task.extract_task(1)(ids).logits - task(ids, task_ids=second_task).logits).abs().max()
     out["task path max |logit diff|"] = float(diff)
     text = "the quick brown fox jumps over the lazy dog. " * 200
     docs = [Document(f"d{i}", dom, text, f"s{i}") for i, dom in enumerate(["code", "prose", "code", "prose"])]

@@ -8,24 +8,13 @@ import json
 
 import pytest
 import torch
+from test_cli import run  # main(argv) -> (exit status, stdout, stderr)
 
-pytest.importorskip("transformers")
-
-from minimoe import bench_moe  # noqa: E402
-from minimoe.bench_moe import CONFIGS, build_minimoe, build_transformers, check_match, evaluate_goals  # noqa: E402
-from minimoe.cli import main  # noqa: E402
+from minimoe import bench_moe
+from minimoe.bench_moe import CONFIGS, build_minimoe, build_transformers, check_match, evaluate_goals
 
 TINY = ["--tokens", "64", "--repeats", "1", "--device", "cpu"]
 KEYS = {"config", "impl", "pass", "dtype", "ms", "ratio_vs_dense"}
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_json_rows(capsys, monkeypatch):

@@ -159,7 +159,6 @@ def test_absorbed_path_equals_naive(q_lora_rank):
     torch.testing.assert_close(torch.cat(parts, dim=1), naive, atol=1e-5, rtol=1e-5)
 
 
-
 @Q_LORA_RANKS
 def test_absorbed_path_has_the_same_gradients(q_lora_rank):
     """Same function, so the same gradients (for every parameter, W_ukv through its absorbed halves)."""
@@ -174,6 +173,7 @@ def test_absorbed_path_has_the_same_gradients(q_lora_rank):
         grads.append({name: p.grad.clone() for name, p in attn.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
 
 # ---- the cache holds only the latent ------------------------------------------------------------------------
 
