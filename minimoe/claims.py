@@ -93,7 +93,7 @@ CLAIMS: tuple[Claim, ...] = (
                  "no MoE / static paths; parameter utilization 83% / 68% / 100% / 75%; "
                  "single-layer latency 18 / 22 / 25 / 20 ms; memory 1.2 GB per expert / "
                  "1.8 GB per expert / n.a. / 1.5 GB per path"),
-        ours=("Utilization (active / total, counted) 20-31% for our equal-active MoEs, 100% dense; DeepSeek-V3 "
+        ours=("Utilization (active / total, counted) 16-31% for our equal-active MoEs, 100% dense; DeepSeek-V3 "
               "counted at 37.6B of 671.0B (5.6%); one V3 routed expert is 44M parameters = 88 MB in bf16; "
               "per-layer latency measured on our CPU with stated batch and width"),
         where="01-architecture/06-architecture-table.ipynb", verdict="contradicted",

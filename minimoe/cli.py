@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     zp.add_argument("name")
 
     b = sub.add_parser("bench", help="benchmarks that print ratios measured in one run",
-                       description="Training MFU against the measured matmul peak; KV-cache decode speed-up.")
+                       description="Training MFU against the measured matmul peak; KV-cache decode speed-up; "
+                                   "an MoE layer against a dense layer of equal active FLOPs and transformers.")
     bsub = b.add_subparsers(dest="bench_command", required=True, parser_class=_Parser, metavar="WHAT")
     bt = bsub.add_parser("train", help="training tokens/s and MFU, fp32 and bf16")
     bd = bsub.add_parser("decode", help="generation speed with and without the KV cache")
