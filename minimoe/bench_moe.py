@@ -111,6 +111,11 @@ def build_transformers(cfg: MoEBenchConfig, moe: MoE, experts_implementation: st
     transformers 5 stores the experts stacked and transposed against minimoe: gate_up_proj [E, 2f, d] with
     the gate rows first, down_proj [E, d, f].
     """
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ValueError("the transformers comparison needs the interop extra (pip install 'minimoe[interop]'); "
+                         "or time minimoe alone with --impl minimoe") from None
     if cfg.router == "softmax":
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
