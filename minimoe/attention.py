@@ -49,6 +49,9 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.dropout = cfg.dropout
+        # qk_norm: RMSNorm over each head's query and key before rotary (Qwen3), which bounds the logits
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -60,6 +63,9 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, H + 2 * Hk, self.head_dim)
         past = cache.length if cache is not None else 0
         qk, v = qkv.split([H + Hk, Hk], dim=2)  # split, not two slices: its backward is one cat, not zero-fill + copy
+        if self.q_norm is not None:
+            q, k = qk.split([H, Hk], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         qk = self.rotary(qk, start=past)         # rotate queries and keys in one pass
         q = qk[:, :, :H].transpose(1, 2)         # [B, H, T, hd]
         k = qk[:, :, H:].transpose(1, 2)         # [B, H_kv, T, hd]

@@ -26,6 +26,7 @@ class ModelConfig:
     d_ff: int | None = None         # SwiGLU hidden size; None = 8/3 * d_model rounded up to a multiple of 32
     max_seq_len: int = 256
     attention: str = "mha"
+    qk_norm: bool = False                 # RMSNorm on each query and key head before rotary (Qwen3, OLMo-2)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -100,6 +101,10 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
             raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm must be True or False, got {self.qk_norm!r}")
+        if self.qk_norm and self.attention == "mla":
+            raise ValueError("qk_norm applies to attention='mha' only (MLA normalises its latents instead)")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         if not isinstance(self.extra, dict):

@@ -48,3 +48,26 @@ def test_cache_in_chunks_equals_full_sequence():
     parts = [attn(x[:, :5], cache), attn(x[:, 5:8], cache), attn(x[:, 8:9], cache), attn(x[:, 9:], cache)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 10
+
+
+def test_qk_norm_normalises_each_head_before_rotary():
+    from minimoe.attention import CausalSelfAttention
+    from minimoe.config import ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=16, qk_norm=True)
+    attn = CausalSelfAttention(cfg)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 32)
+    B, T, H, Hk, hd = 2, 5, 4, 2, 8
+    q, k, v = attn.qkv(x).split([H * hd, Hk * hd, Hk * hd], dim=-1)
+    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w  # noqa: E731
+    q = attn.rotary(rms(q.view(B, T, H, hd), attn.q_norm.weight)).transpose(1, 2)
+    k = attn.rotary(rms(k.view(B, T, Hk, hd), attn.k_norm.weight)).transpose(1, 2)
+    k, v = k.repeat_interleave(2, dim=1), v.view(B, T, Hk, hd).transpose(1, 2).repeat_interleave(2, dim=1)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = attn.out(y.transpose(1, 2).reshape(B, T, H * hd))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+    assert not hasattr(CausalSelfAttention(ModelConfig(d_model=32, n_heads=4)), "q_norm") or \
+        CausalSelfAttention(ModelConfig(d_model=32, n_heads=4)).q_norm is None
