@@ -62,7 +62,10 @@ def test_qk_norm_normalises_each_head_before_rotary():
     x = torch.randn(2, 5, 32)
     B, T, H, Hk, hd = 2, 5, 4, 2, 8
     q, k, v = attn.qkv(x).split([H * hd, Hk * hd, Hk * hd], dim=-1)
-    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w  # noqa: E731
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
     q = attn.rotary(rms(q.view(B, T, H, hd), attn.q_norm.weight)).transpose(1, 2)
     k = attn.rotary(rms(k.view(B, T, Hk, hd), attn.k_norm.weight)).transpose(1, 2)
     k, v = k.repeat_interleave(2, dim=1), v.view(B, T, Hk, hd).transpose(1, 2).repeat_interleave(2, dim=1)
