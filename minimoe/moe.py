@@ -72,7 +72,7 @@ class DeepSeekRouter(nn.Module):
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
-                 routed_scaling_factor: float = 1.0):
+                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True):
         super().__init__()
         _check_sizes(d_model=d_model, n_experts=n_experts, top_k=top_k, n_group=n_group, topk_group=topk_group)
         _check_top_k(top_k, n_experts)
@@ -88,6 +88,7 @@ class DeepSeekRouter(nn.Module):
             raise ValueError(f"routed_scaling_factor must be a positive number, got {routed_scaling_factor!r}")
         self.n_experts, self.top_k = n_experts, top_k
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
+        self.norm_topk_prob = norm_topk_prob
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         # a buffer, not a parameter: the optimizer must never touch it, but checkpoints must keep it
         self.register_buffer("bias", torch.zeros(n_experts))
@@ -106,7 +107,9 @@ class DeepSeekRouter(nn.Module):
             biased = biased.masked_fill(~expert_mask, float("-inf"))
         experts = biased.topk(self.top_k, dim=-1).indices
         chosen = scores.gather(1, experts)  # the bias is not in the weights
-        weights = chosen / chosen.sum(dim=-1, keepdim=True) * self.routed_scaling_factor
+        if self.norm_topk_prob:  # DeepSeek-V3 normalises; DeepSeek-V2 (norm_topk_prob=False) does not
+            chosen = chosen / chosen.sum(dim=-1, keepdim=True)
+        weights = chosen * self.routed_scaling_factor
         return RouterOutput(weights, experts, scores, logits)
 
     @torch.no_grad()
@@ -406,7 +409,7 @@ def build_router(cfg) -> nn.Module:
         return SoftmaxTopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, norm_topk_prob=cfg.norm_topk_prob)
     if cfg.router == "deepseek":
         return DeepSeekRouter(cfg.d_model, cfg.n_experts, cfg.top_k, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                              routed_scaling_factor=cfg.routed_scaling_factor)
+                              routed_scaling_factor=cfg.routed_scaling_factor, norm_topk_prob=cfg.norm_topk_prob)
     if cfg.router == "hash":
         return HashRouter(cfg.n_experts, cfg.top_k, cfg.vocab_size, seed=cfg.hash_seed)
     if cfg.router == "task":

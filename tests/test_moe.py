@@ -358,3 +358,10 @@ def test_moe_needs_ids_its_router_needs():
     moe = MoE(8, 6, TaskRouter(8, 4, 1, 2), 4)
     with pytest.raises(ValueError, match="task_ids"):
         moe(torch.randn(2, 3, 8), task_ids=torch.tensor([0, 2]))
+
+
+def test_deepseek_router_without_normalisation_scales_raw_scores():
+    torch.manual_seed(0)
+    r = DeepSeekRouter(8, 6, 2, routed_scaling_factor=2.5, norm_topk_prob=False)
+    out = r(torch.randn(5, 8))
+    torch.testing.assert_close(out.weights, 2.5 * out.scores.gather(1, out.experts))
