@@ -187,13 +187,8 @@ def count_expert_rows(layer: nn.Module, x: torch.Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
-            moe_output(layer(x))
+            layer(x)
     finally:
         for h in handles:
             h.remove()
     return rows[0]
-
-
-def moe_output(out) -> torch.Tensor:
-    """The output tensor of a MoE forward, whether it returns y or (y, stats)."""
-    return out[0] if isinstance(out, tuple) else out

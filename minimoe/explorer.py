@@ -9,14 +9,13 @@ book/01-architecture/02-dynamic-moe.ipynb). ipywidgets is imported only inside `
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .moe import DeepSeekRouter, MoE, dispatch
+from .moe import DeepSeekRouter, MoE, max_violation
 
 
 @dataclass
@@ -60,26 +59,23 @@ def simulate_routing(n_experts: int, top_k: int, capacity_factor: float | None, 
         router = DeepSeekRouter(d_model, n_experts, top_k)  # validates n_experts, top_k, d_model
         moe = MoE(d_model, 4, router, n_experts, capacity_factor=capacity_factor)  # experts' output unused
     centres = torch.randn(n_clusters, d_model, generator=gen)
-    capacity = None if capacity_factor is None else math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    capacity = moe.capacity(n_tokens * top_k)
 
     loads, max_vio, dropped = [], [], []
     with torch.no_grad():
         for step in range(steps):
             cluster = torch.randint(0, n_clusters, (n_tokens,), generator=gen)
             x = skew * centres[cluster] + torch.randn(n_tokens, d_model, generator=gen)
-            moe(x[None])  # [1, N, d]; the output (y or (y, stats)) is not needed, only the loads
+            moe(x[None])  # [1, N, d]; only the routing is needed, not the output
             load = moe.last_tokens_per_expert.detach().cpu().to(torch.float64)
-            mean = load.mean()
-            kept = load.sum() if capacity is None else load.clamp(max=capacity).sum()
             loads.append(load.numpy())
-            max_vio.append(float((load.max() - mean) / mean))
-            dropped.append(float(1 - kept / load.sum()))
-            if step == steps - 1:  # the last batch's assignment, with the bias it was routed with
-                experts = router(x)[1]  # RouterOutput.experts: [N, k]
-                plan = dispatch(experts, n_experts, capacity)
-                kept_flat = torch.zeros(experts.numel(), dtype=torch.bool)
-                kept_flat[plan.order] = True
+            max_vio.append(max_violation(load))
+            dropped.append(moe.stats()["dropped_fraction"])
             router.update_bias(load, bias_update_speed)
+    # the last batch's assignment, with the bias it was routed with
+    experts = moe.last_router_output.experts  # [N, k]
+    kept_flat = torch.zeros(experts.numel(), dtype=torch.bool)
+    kept_flat[moe.last_dispatch.order] = True
 
     return RoutingResult(
         n_experts=n_experts, top_k=top_k, capacity_factor=capacity_factor,

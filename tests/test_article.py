@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from minimoe.article import (FIXES, ArticleDynamicMoE, article_capacity, capacity_mask, count_expert_rows,
-                             expert_flops, moe_output, swiglu_flops_per_row, token_capacity)
+                             expert_flops, swiglu_flops_per_row, token_capacity)
 from minimoe.moe import MoE, SoftmaxTopKRouter, dispatch
 
 
@@ -92,7 +92,7 @@ def test_gate_gets_no_gradient_but_a_sparse_moe_gate_does():
 
     torch.manual_seed(0)
     moe = MoE(16, 12, SoftmaxTopKRouter(16, 8, 2), 8)
-    moe_output(moe(torch.randn(1, 12, 16))).square().sum().backward()
+    moe(torch.randn(1, 12, 16)).square().sum().backward()
     assert moe.router.gate.weight.grad.abs().max() > 0
 
 
@@ -113,8 +113,3 @@ def test_cost_grows_with_experts_for_the_article_and_with_k_for_moe(E):
 def test_count_expert_rows_rejects_other_modules():
     with pytest.raises(TypeError):
         count_expert_rows(torch.nn.Linear(2, 2), torch.randn(1, 2))
-
-
-def test_moe_output_accepts_both_return_forms():
-    y = torch.randn(2, 3)
-    assert moe_output(y) is y and moe_output((y, {"max_vio": 0.0})) is y
