@@ -91,9 +91,7 @@ def time_decode_step(attn: nn.Module, batch: int, past: int, step: Callable | No
     g = torch.Generator(device=device).manual_seed(seed)
     p = next(attn.parameters())
     cache = attn.new_cache(batch, past + 1, device, p.dtype)
-    for buffer in vars(cache).values():
-        if isinstance(buffer, torch.Tensor):
-            buffer.normal_(generator=g)
+    _fill_random(cache, g)
     x = torch.randn(batch, 1, attn.out.out_features, generator=g, device=device, dtype=p.dtype)  # d_model
     times = []
     with torch.inference_mode():
@@ -104,6 +102,13 @@ def time_decode_step(attn: nn.Module, batch: int, past: int, step: Callable | No
             if i:  # the first step pays for allocation and kernel selection
                 times.append(t.seconds * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def _fill_random(cache, generator: torch.Generator) -> None:
+    """Fill every tensor of one layer's cache (KVCache or LatentKVCache) with standard normal numbers."""
+    for buffer in vars(cache).values():
+        if isinstance(buffer, torch.Tensor):
+            buffer.normal_(generator=generator)
 
 
 def time_model_step(model: nn.Module, batch: int, past: int, repeats: int = 5, seed: int = 0) -> dict:
@@ -118,9 +123,7 @@ def time_model_step(model: nn.Module, batch: int, past: int, repeats: int = 5, s
     g = torch.Generator(device=model.device).manual_seed(seed)
     cache = Cache(model, batch, past + 1)
     for layer in cache.layers:
-        for buffer in vars(layer).values():
-            if isinstance(buffer, torch.Tensor):
-                buffer.normal_(generator=g)
+        _fill_random(layer, g)
     tokens = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g, device=model.device)
     times = []
     with torch.inference_mode():
