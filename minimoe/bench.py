@@ -13,7 +13,7 @@ import time
 import torch
 
 from .config import ModelConfig
-from .device import Timer, device_name, resolve_device, synchronize, tune_cpu_allocator
+from .device import Timer, device_name, matmul_peak, resolve_device, synchronize, tune_cpu_allocator
 from .model import MiniLM
 from .train import TrainConfig, make_optimizer
 
@@ -21,21 +21,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The model `minimoe bench` times by default: 6 layers x 384 wide (10.7M parameters), a size whose step is
 # dominated by matmuls on a CPU yet fits a benchmark into seconds.
 BENCH_MODEL = ModelConfig(d_model=384, n_layers=6, n_heads=6, max_seq_len=256)
-
-
-def matmul_peak(dtype: torch.dtype, device, sizes=(1024, 2048), repeats: int = 10) -> float:
-    """Best FLOP/s of an n x n @ n x n matmul over `sizes` and `repeats` (2 n^3 FLOPs each)."""
-    device = resolve_device(device)
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        a @ b  # warm-up: first call pays for thread-pool start and kernel selection
-        for _ in range(repeats):
-            with Timer(device) as t:
-                a @ b
-            best = max(best, 2 * n ** 3 / t.seconds)
-    return best
 
 
 def bench_train(config: ModelConfig, batch_size: int = 16, seq_len: int = 256, precision: str = "fp32",

@@ -24,7 +24,23 @@ def _positive_int(text):
     return v
 
 
+def _weights(text):
+    """"code=2,prose=1" -> {"code": 2.0, "prose": 1.0}; the values are checked by TrainConfig."""
+    out = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected DOMAIN=WEIGHT pairs separated by commas, got {text!r}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .data import CORPORA
+    from .train import SCHEDULES
     p = _Parser(prog="minimoe", description="Train, sample and measure small dense and MoE language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
@@ -48,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{name}", type=typ, help="override the recipe's Mixture-of-Experts setting "
                                                    "(n-experts 0 = dense)")
     t.add_argument("--router", choices=["softmax", "deepseek", "hash", "task"])
-    t.add_argument("--schedule", choices=["cosine", "linear", "constant"])
+    t.add_argument("--schedule", choices=list(SCHEDULES), help="LR schedule after the linear warm-up")
+    t.add_argument("--min-lr-ratio", type=float, help="final LR as a fraction of --lr")
+    t.add_argument("--corpus", choices=list(CORPORA), help="built-in corpus (default: the recipe's)")
+    mix = t.add_mutually_exclusive_group()
+    mix.add_argument("--domain-weights", type=_weights, metavar="D=W,...",
+                     help="sampling weight per domain, e.g. code=2,prose=1 (missing domains get 0)")
+    mix.add_argument("--mixture-temperature", type=float, metavar="T",
+                     help="sample domains in proportion to size ** (1/T): 1 = natural, large = uniform")
     t.add_argument("--precision", choices=["fp32", "bf16"])
     t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ...")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -135,14 +158,19 @@ def _train(args) -> int:
         model_fields.pop("bias_update_speed", None)  # the recipe's DeepSeek setting does not apply to other routers
     train_fields = dict(r.train)
     for name in ("steps", "batch_size", "seq_len", "batch_tokens", "lr", "warmup_steps", "eval_every",
-                 "checkpoint_every", "seed", "schedule", "precision"):
+                 "checkpoint_every", "seed", "schedule", "precision", "min_lr_ratio", "domain_weights",
+                 "mixture_temperature"):
         if getattr(args, name) is not None:
             train_fields[name] = getattr(args, name)
+    if args.domain_weights is not None or args.mixture_temperature is not None:
+        train_fields.pop("mixture_temperature" if args.domain_weights is not None else "domain_weights", None)
     from .config import ModelConfig
     from .train import TrainConfig
     mc = ModelConfig.from_dict(model_fields)
     tc = TrainConfig.from_dict({**train_fields, "device": args.device})
-    splits = None
+    if args.data and args.corpus:
+        raise ValueError("give --data (your files) or --corpus (a built-in corpus), not both")
+    splits = None if args.data else data.corpus_splits(args.corpus or r.corpus)
     if args.data:
         docs = data.text_file_corpus(args.data)
         train_docs, val_docs = data.split_documents(docs)
@@ -153,6 +181,13 @@ def _train(args) -> int:
     last = result.history["eval"][-1] if result.history["eval"] else None
     if last:
         print(f"step {last['step']}: validation loss {last['val_loss']:.4f}, {last['val_bpb']:.3f} bits/byte")
+    seen = result.history["domain_tokens"]
+    print("tokens seen per domain: " + ", ".join(f"{d} {n:,} ({n / max(1, sum(seen.values())):.0%})"
+                                                 for d, n in seen.items()))
+    if "throughput" in result.history:
+        t = result.history["throughput"]
+        print(f"{t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.1%} of {t['peak_flops'] / 1e12:.2f} TFLOP/s "
+              f"({t['peak_source']})")
     print(f"saved {args.out}")
     return 0
 

@@ -297,6 +297,20 @@ def split_documents(docs, val_fraction: float = 0.05, seed: int = 0) -> tuple[li
 # Tokenized dataset
 
 
+def check_weights(weights: dict, field: str = "weights") -> None:
+    """Mixture weights must be a non-empty {domain: finite number >= 0} with a positive sum."""
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"{field} must be a non-empty dict {{domain: weight}}, got {weights!r}")
+    for k, w in weights.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{field}: domain names must be strings, got {k!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(w) or w < 0:
+            raise ValueError(f"{field}: the weight of domain {k!r} must be a finite number >= 0, got {w!r}")
+    if sum(float(w) for w in weights.values()) <= 0:
+        raise ValueError(f"{field} are all zero: {weights}")
+
+
 class TokenDataset:
     """Documents tokenized into one uint16 stream per domain, documents separated by eos.
 
@@ -362,15 +376,27 @@ class TokenDataset:
         """Domain-sampling weights -> probabilities aligned with self.domains."""
         if weights is None:
             return np.full(len(self.domains), 1.0 / len(self.domains))
-        for k, w in weights.items():
+        check_weights(weights, "weights")
+        for k in weights:
             if k not in self.streams:
                 raise ValueError(f"unknown domain {k!r} in weights; this dataset has {self.domains}")
-            if not np.isfinite(w) or w < 0:
-                raise ValueError(f"weight for domain {k!r} must be finite and >= 0, got {w}")
         p = np.array([float(weights.get(d, 0.0)) for d in self.domains])
         if p.sum() <= 0:
-            raise ValueError(f"domain weights sum to zero: {weights}")
+            raise ValueError(f"weights give zero probability to every domain of this dataset: {weights}")
         return p / p.sum()
+
+    def mixture_weights(self, temperature: float = 1.0) -> dict[str, float]:
+        """Temperature sampling: p(domain) proportional to (its tokens) ** (1 / temperature).
+
+        temperature=1 samples in proportion to size (the "natural" mixture, dominated by the largest domain);
+        larger temperatures flatten it towards uniform (mT5 used exponent 0.3, i.e. T of about 3.3).
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        sizes = np.array([len(self.streams[d]) for d in self.domains], dtype=np.float64)
+        logp = np.log(sizes) / temperature
+        p = np.exp(logp - logp.max())
+        return {d: float(x) for d, x in zip(self.domains, p / p.sum())}
 
     def sample_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator,
                      weights: dict[str, float] | None = None, return_domains: bool = False):
@@ -465,14 +491,14 @@ class TokenDataset:
 _CACHE_FORMAT = 1  # bump when the corpus recipe changes so stale caches are ignored
 
 
-def _cache_path(val_fraction, seed, max_files) -> str:
+def _cache_path(val_fraction, seed, max_files, name: str = "stdlib", extra=()) -> str:
     """~/.cache/minimoe/data/<key>.npz; the key covers everything the result depends on."""
     root = os.environ.get("MINIMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minimoe")
     recipe = repr((_CACHE_FORMAT, sys.version, sysconfig.get_paths()["stdlib"],
-                   float(val_fraction), int(seed), max_files))
+                   float(val_fraction), int(seed), max_files, *extra))
     key = hashlib.blake2b(recipe.encode(), digest_size=8).hexdigest()
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return os.path.join(root, "data", f"stdlib-{py}-{key}.npz")
+    return os.path.join(root, "data", f"{name}-{py}-{key}.npz")
 
 
 def _save_splits(path: str, splits: dict[str, TokenDataset]):
@@ -526,3 +552,55 @@ def builtin_splits(val_fraction: float = 0.05, seed: int = 0,
     train, val = TokenDataset(train_docs), TokenDataset(val_docs)
     _save_splits(path, {"train": train, "val": val})
     return train, val
+
+
+# -----------------------------------------------------------------------------
+# The five-domain corpus of chapter 2: the stdlib corpus, cleaned, plus three generated domains
+
+GENERATED_EXAMPLES = 4000  # per generated domain; about 0.25-1.1 MB of text each
+
+
+def _code_quality():
+    from .cleaning import QualityFilter
+    # Source code repeats lines ("return", "else:", "pass") by nature: the stdlib's most repetitive file,
+    # bisect.py, repeats 46% of its lines, so code gets 0.5 instead of the prose default 0.3.
+    return QualityFilter(max_duplicate_line_fraction=0.5)
+
+
+def mixed_documents(n_generated: int = GENERATED_EXAMPLES, seed: int = 0, max_files: int | None = None,
+                    progress: bool = False):
+    """(documents, CleaningReport): the stdlib corpus after minimoe.cleaning.clean, then the generated
+    arithmetic, dialogue and facts domains of minimoe.synthetic (generated clean, so not filtered)."""
+    from .cleaning import QualityFilter, clean
+    from .synthetic import synthetic_documents
+    rules = {"code": _code_quality(), "prose": QualityFilter()}
+    kept, report = clean(stdlib_corpus(max_files=max_files), rules=rules, progress=progress)
+    return kept + synthetic_documents(n_per_domain=n_generated, seed=seed), report
+
+
+@functools.lru_cache(maxsize=4)
+def mixed_splits(val_fraction: float = 0.05, seed: int = 0, n_generated: int = GENERATED_EXAMPLES,
+                 max_files: int | None = None) -> tuple[TokenDataset, TokenDataset]:
+    """(train, val) of the five-domain corpus (code, prose, arithmetic, dialogue, facts), split by source so
+    no generated problem and no stdlib file is on both sides; cached like builtin_splits."""
+    if not (0.0 < val_fraction < 1.0):
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    path = _cache_path(val_fraction, seed, max_files, name="mixed", extra=(n_generated,))
+    cached = _load_splits(path) if os.path.exists(path) else None
+    if cached is not None:
+        return cached["train"], cached["val"]
+    docs, _ = mixed_documents(n_generated, seed, max_files)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    train, val = TokenDataset(train_docs), TokenDataset(val_docs)
+    _save_splits(path, {"train": train, "val": val})
+    return train, val
+
+
+CORPORA = {"stdlib": "builtin_splits", "mixed": "mixed_splits"}  # name -> the function of this module
+
+
+def corpus_splits(name: str = "stdlib") -> tuple[TokenDataset, TokenDataset]:
+    """The built-in corpus called `name`: "stdlib" (code and prose) or "mixed" (five domains)."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; built-in corpora: {', '.join(CORPORA)}")
+    return globals()[CORPORA[name]]()  # looked up at call time, so tests can substitute a tiny corpus

@@ -121,3 +121,51 @@ def device_name(device="cpu") -> str:
     name = name or platform.processor() or "CPU"
     threads = torch.get_num_threads()
     return f"{name}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def matmul_peak(dtype: torch.dtype, device, sizes=(1024, 2048), repeats: int = 10) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul over `sizes` and `repeats` (2 n^3 FLOPs each)."""
+    device = resolve_device(device)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up: first call pays for thread-pool start and kernel selection
+        for _ in range(repeats):
+            with Timer(device) as t:
+                a @ b
+            best = max(best, 2 * n ** 3 / t.seconds)
+    return best
+
+
+# Dense (no sparsity) peak tensor throughput from the vendors' datasheets, FLOP/s, by (name fragment, dtype).
+DATASHEET_PEAK_FLOPS = {
+    ("H200", "bf16"): 989.4e12, ("H200", "fp32"): 66.9e12,   # SXM; tf32 tensor cores would be 494.7e12
+    ("H100", "bf16"): 989.4e12, ("H100", "fp32"): 66.9e12,   # SXM
+    ("A100", "bf16"): 312e12, ("A100", "fp32"): 19.5e12,
+}
+_PEAK_CACHE: dict = {}
+
+
+def peak_flops(device="cpu", precision: str = "fp32") -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for model-FLOPs utilization.
+
+    A GPU named in DATASHEET_PEAK_FLOPS gets its datasheet peak, as MFU is defined in the PaLM paper.
+    Anything else gets the best of a few large square matmuls measured here, in that precision, with torch's
+    current thread count: an achievable peak, so MFU against it is an upper bound on the datasheet MFU.
+    Measured once per process and device.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device = resolve_device(device)
+    name = device_name(device)
+    if device.type == "cuda":
+        for (fragment, dtype), value in DATASHEET_PEAK_FLOPS.items():
+            if fragment in name and dtype == precision:
+                return value, f"datasheet ({fragment}, {precision}, dense)"
+    key = (name, precision)
+    if key not in _PEAK_CACHE:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        _PEAK_CACHE[key] = matmul_peak(dtype, device, sizes=(4096,) if device.type == "cuda" else (1024,),
+                                       repeats=5)
+    return _PEAK_CACHE[key], f"measured ({precision} matmul on {name})"

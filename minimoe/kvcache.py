@@ -165,7 +165,7 @@ def read_bandwidth(device="cpu", mbytes: int = 64, repeats: int = 5) -> float:
 
     Big enough to spill out of CPU caches, so it is main-memory (or GPU HBM) bandwidth as one reduction sees it:
     what a decode step that streams its KV cache once can hope for, not the datasheet peak. The best run, like
-    `bench.matmul_peak`, so that a busy machine lowers it as little as possible.
+    `device.matmul_peak`, so that a busy machine lowers it as little as possible.
     """
     device = resolve_device(device)
     buffer = torch.ones(mbytes * 2 ** 18, device=device)  # float32: 4 bytes each

@@ -20,11 +20,14 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from .config import ModelConfig
-from .device import resolve_device, tune_cpu_allocator
+from .device import device_name, peak_flops, resolve_device, tune_cpu_allocator
 from .model import MiniLM
 from .moe import max_violation
 
-SCHEDULES = ("cosine", "linear", "constant")
+# After a linear warm-up, every schedule ends at lr * min_lr_ratio on the last step (except "constant"):
+# "cosine" is the article's "dynamic cosine", "linear" its linear decay, "step" three equal drops at the thirds
+# of the decay, "exponential" a constant factor per step.
+SCHEDULES = ("cosine", "linear", "step", "exponential", "constant")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -46,6 +49,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     domain_weights: dict | None = None  # e.g. {"code": 0.5, "prose": 0.5}; None = equal per domain
+    mixture_temperature: float | None = None  # instead of weights: p(domain) ~ tokens ** (1 / T); T=1 natural
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int | None = None  # steps between checkpoints when an output folder is given
@@ -65,13 +69,26 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.schedule in ("step", "exponential") and not self.min_lr_ratio > 0:
+            raise ValueError(f"min_lr_ratio must be > 0 for the {self.schedule!r} schedule (it decays by a "
+                             f"factor), got {self.min_lr_ratio!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.batch_tokens is not None:
             micro = self.batch_size * self.seq_len
-            if self.batch_tokens <= 0 or self.batch_tokens % micro:
+            if self.batch_tokens < self.seq_len:
+                raise ValueError(f"batch_tokens={self.batch_tokens} is smaller than one sequence "
+                                 f"(seq_len={self.seq_len})")
+            if self.batch_tokens % micro:
                 raise ValueError(f"batch_tokens={self.batch_tokens} must be a positive multiple of "
                                  f"batch_size * seq_len = {micro}")
+        if self.domain_weights is not None:
+            data_lib.check_weights(self.domain_weights, "domain_weights")
+        if self.mixture_temperature is not None:
+            if self.domain_weights is not None:
+                raise ValueError("give domain_weights or mixture_temperature, not both")
+            if not (isinstance(self.mixture_temperature, (int, float)) and self.mixture_temperature > 0):
+                raise ValueError(f"mixture_temperature must be > 0, got {self.mixture_temperature!r}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be a positive integer or None, got {self.checkpoint_every!r}")
 
@@ -110,6 +127,11 @@ def make_scheduler(optimizer, cfg: TrainConfig):
         main = sched.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=cfg.lr * cfg.min_lr_ratio)
     elif cfg.schedule == "linear":
         main = sched.LinearLR(optimizer, 1.0, cfg.min_lr_ratio, total_iters=decay_steps)
+    elif cfg.schedule == "step":
+        thirds = [max(1, round(k * decay_steps / 3)) for k in (1, 2, 3)]  # a repeated milestone drops twice
+        main = sched.MultiStepLR(optimizer, milestones=thirds, gamma=cfg.min_lr_ratio ** (1 / 3))
+    elif cfg.schedule == "exponential":
+        main = sched.ExponentialLR(optimizer, gamma=cfg.min_lr_ratio ** (1 / decay_steps))
     else:
         main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
     if cfg.warmup_steps == 0:
@@ -148,13 +170,15 @@ def evaluate(model: MiniLM, dataset: "data_lib.TokenDataset", batch_size: int = 
     For an MoE model also "max_vio": the global MaxVio of the whole evaluation (per-layer loads summed over
     all batches, MaxVio per layer, averaged over layers; arXiv 2408.15664's MaxVio_global), and
     "expert_load": those per-layer loads (assignments per expert).
-    Task-routed models get each window's domain index as its task id.
+    "loss_by_domain" is the same mean per domain. Task-routed models get each window's domain index as
+    their task id.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tok = data_lib.ByteTokenizer()
     nats, n_targets, n_bytes = 0.0, 0, 0
+    by_domain = {}  # domain -> [nats, targets]
     moes = model.moe_modules()
     loads = [0] * len(moes)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -165,12 +189,16 @@ def evaluate(model: MiniLM, dataset: "data_lib.TokenDataset", batch_size: int = 
             loss = model(x, targets=y, **_task_kwargs(model, task, device)).loss
         nats += float(loss) * y.numel()
         n_targets += y.numel()
+        acc = by_domain.setdefault(dataset.domains[int(task[0])], [0.0, 0])  # a batch never mixes domains
+        acc[0] += float(loss) * y.numel()
+        acc[1] += y.numel()
         n_bytes += tok.count_bytes(y.flatten())
         loads = [load + moe.last_tokens_per_expert for load, moe in zip(loads, moes)]
     model.train(was_training)
     if n_targets == 0:
         raise ValueError("the validation set is too short for one evaluation window")
-    out = {"loss": nats / n_targets, "bpb": nats / math.log(2) / max(n_bytes, 1), "tokens": n_targets}
+    out = {"loss": nats / n_targets, "bpb": nats / math.log(2) / max(n_bytes, 1), "tokens": n_targets,
+           "loss_by_domain": {d: a / b for d, (a, b) in by_domain.items()}}
     if moes:
         out["max_vio"] = sum(max_violation(load) for load in loads) / len(loads)
         out["expert_load"] = [load.tolist() for load in loads]  # per MoE layer: assignments per expert
@@ -210,7 +238,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     rng = np.random.default_rng(cfg.seed)
-    history = {"train": [], "eval": [], "train_config": cfg.to_dict()}
+    weights = domain_probabilities(cfg, train_ds)
+    history = {"train": [], "eval": [], "train_config": cfg.to_dict(), "mixture": weights,
+               "domain_tokens": {d: 0 for d in train_ds.domains}}
     start = 0
     out_dir = Path(out_dir) if out_dir is not None else None
     if resume:
@@ -225,6 +255,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
         torch.set_rng_state(opt_state["torch_rng"])
         rng.bit_generator.state = state["data_rng"]
         history, start = state["history"], state["step"]
+        history.setdefault("domain_tokens", {d: 0 for d in train_ds.domains})  # checkpoints before 0.2
+        history.setdefault("mixture", weights)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
@@ -237,7 +269,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
 
     def run_eval(step):
         r = evaluate(raw_model, val_ds, cfg.batch_size, cfg.seq_len, cfg.eval_batches, precision=cfg.precision)
-        row = {"step": step, "val_loss": r["loss"], "val_bpb": r["bpb"]}
+        row = {"step": step, "val_loss": r["loss"], "val_bpb": r["bpb"], "val_loss_by_domain": r["loss_by_domain"]}
         if "max_vio" in r:
             row["val_max_vio"] = r["max_vio"]
         history["eval"].append(row)
@@ -248,14 +280,17 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
                unit="step", dynamic_ncols=True)
     model.train()
     task_routed = bool(raw_model.config.n_experts) and raw_model.config.router == "task"
-    t0 = time.perf_counter()
+    # "seconds" counts training only: evaluation and checkpoints are paused out of the clock
+    seconds = history["train"][-1]["seconds"] if history["train"] else 0.0
     for step in bar:
+        t0 = time.perf_counter()
         loss_sum = 0.0
         for micro in range(cfg.accumulation_steps):
-            batch = train_ds.sample_batch(cfg.batch_size, cfg.seq_len, rng, weights=cfg.domain_weights,
-                                          **({"return_domains": True} if task_routed else {}))
-            x, y = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
-            kw = _task_kwargs(raw_model, batch[2], accelerator.device) if task_routed else {}
+            x, y, dom = train_ds.sample_batch(cfg.batch_size, cfg.seq_len, rng, weights=weights, return_domains=True)
+            for i, n in zip(*np.unique(dom.numpy(), return_counts=True)):
+                history["domain_tokens"][train_ds.domains[i]] += int(n) * cfg.seq_len
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            kw = _task_kwargs(raw_model, dom, accelerator.device) if task_routed else {}
             last = micro == cfg.accumulation_steps - 1
             # between micro-batches there is nothing to all-reduce yet (matters under DDP)
             with nullcontext() if last else accelerator.no_sync(model):
@@ -271,12 +306,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
         routing = raw_model.finish_step()  # MoE: the step's load (MaxVio), and DeepSeek's bias update
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+        seconds += time.perf_counter() - t0
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training diverged at step {step + 1}: loss = {loss_sum} "
                                      "(try a lower lr or more warm-up)")
         history["train"].append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                                  "tokens": (step + 1) * cfg.tokens_per_step,
-                                 "seconds": time.perf_counter() - t0, **routing})
+                                 "seconds": seconds, **routing})
         postfix = {"loss": f"{loss_sum:.3f}", "lr": f"{lr:.2e}"}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             postfix["val_bpb"] = f"{run_eval(step + 1)['bpb']:.3f}"
@@ -284,8 +322,40 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
             checkpoint(step + 1)
     bar.close()
+    if history["train"]:
+        history["throughput"] = throughput(raw_model, cfg, history, accelerator.device)
     checkpoint(end)
     return TrainResult(model=raw_model, history=history, checkpoint=out_dir)
+
+
+def domain_probabilities(cfg: TrainConfig, dataset: "data_lib.TokenDataset") -> dict[str, float]:
+    """The probability of each domain of `dataset` under cfg's domain_weights or mixture_temperature."""
+    if cfg.mixture_temperature is not None:
+        return dataset.mixture_weights(cfg.mixture_temperature)
+    if cfg.domain_weights is not None:
+        unknown = sorted(set(cfg.domain_weights) - set(dataset.domains))
+        if unknown:
+            raise ValueError(f"domain_weights name unknown domain(s) {unknown}; the data has {dataset.domains}")
+    p = dataset._probs(cfg.domain_weights)
+    return {d: float(x) for d, x in zip(dataset.domains, p)}
+
+
+def throughput(model: MiniLM, cfg: TrainConfig, history: dict, device: torch.device) -> dict:
+    """Training tokens per second and model-FLOPs utilization (MFU) of a finished run.
+
+    MFU = model FLOPs per second / peak FLOPs per second, with the model FLOPs of
+    MiniLM.flops_per_token (6 per active weight per token, plus attention) and the peak from
+    minimoe.device.peak_flops: the datasheet's dense peak for known GPUs, else the best matmul throughput
+    measured here (for a CPU there is no honest datasheet number per thread count).
+    """
+    last = history["train"][-1]
+    seconds = last["seconds"]
+    tokens = last["tokens"]
+    flops = model.flops_per_token(cfg.seq_len) * tokens
+    peak, source = peak_flops(device, cfg.precision)
+    return {"tokens_per_second": tokens / seconds, "model_flops_per_second": flops / seconds,
+            "peak_flops": peak, "peak_source": source, "mfu": flops / seconds / peak,
+            "device": device_name(device)}
 
 
 def _comparable(cfg: TrainConfig) -> dict:

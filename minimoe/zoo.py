@@ -22,6 +22,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, load_training_state, verify_checkpoint
 from .config import ModelConfig
+from .data import CORPORA, corpus_splits
 from .train import TrainConfig, train
 
 
@@ -31,6 +32,7 @@ class Recipe:
     description: str
     model: dict   # ModelConfig fields
     train: dict   # TrainConfig fields
+    corpus: str = "stdlib"  # a built-in corpus of minimoe.data.CORPORA
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict({**self.model, "extra": {"recipe": self.name}})
@@ -39,8 +41,10 @@ class Recipe:
         return TrainConfig.from_dict({**self.train, "device": device})
 
     def key(self) -> str:
-        blob = json.dumps({"model": self.model, "train": self.train, "minimoe": __version__,
-                           "python": sys.version.split()[0]}, sort_keys=True)
+        fields = {"model": self.model, "train": self.train, "minimoe": __version__, "python": sys.version.split()[0]}
+        if self.corpus != "stdlib":  # keeps the keys (and caches) of the stdlib recipes as they were
+            fields["corpus"] = self.corpus
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -51,6 +55,8 @@ def register(recipe: Recipe) -> Recipe:
     if recipe.name in RECIPES:
         raise ValueError(f"a recipe named {recipe.name!r} is already registered")
     recipe.model_config(), recipe.train_config()  # validate now, not at first training
+    if recipe.corpus not in CORPORA:
+        raise ValueError(f"recipe {recipe.name!r}: unknown corpus {recipe.corpus!r}; built-in: {', '.join(CORPORA)}")
     RECIPES[recipe.name] = recipe
     return recipe
 
@@ -97,6 +103,44 @@ for _base, _changes, _what in [
             model={**MOE_TINY, **_changes},
             train={**MOE_TINY_TRAIN, "seed": _seed},
         ))
+
+
+# ---- chapter 2: data mixtures, LR schedules, batch size, and dense against MoE at equal active parameters ----
+# The mixture and schedule studies use a dense model of MOE_TINY's shape on the five-domain corpus; every run
+# sees the same 300 x 1024 tokens. eval_batches = 20 gives each of the five domains 4 validation batches.
+SMALL = dict(d_model=64, n_layers=3, n_heads=4, max_seq_len=128)
+SMALL_TRAIN = {**MOE_TINY_TRAIN, "eval_batches": 20}
+MIXTURES = {  # name -> how domains are sampled
+    "natural": dict(mixture_temperature=1.0),   # in proportion to size: mostly stdlib code
+    "T=3": dict(mixture_temperature=3.0),       # flattened, as multilingual models sample languages
+    "uniform": dict(),                          # every domain equally (TrainConfig's default)
+}
+SCHEDULE_RUNS = {"cosine": "mix-uniform", "linear": "sched-linear", "step": "sched-step",
+                 "exponential": "sched-exponential"}  # the cosine run is the uniform-mixture run
+BATCH_RUNS = {1024: "mix-uniform", 4096: "batch-4k"}  # tokens per step -> run; both see 307,200 tokens
+# A dense model with the active parameters of moe-tiny (166,592): d_ff = 174 in all three layers gives
+# 166,464 (0.08% fewer), trained on the same data for the same tokens as BALANCING["bias"].
+DENSE_MATCHED = ("dense-matched", dict(SMALL, d_ff=174))
+
+
+def _register_seeds(base, model, train_, corpus, what):
+    for seed, name in zip(SEEDS, seed_names(base)):
+        register(Recipe(name=name, description=f"{what}, seed {seed}", model=model,
+                        train={**train_, "seed": seed}, corpus=corpus))
+
+
+for _m, _how in MIXTURES.items():
+    _register_seeds(f"mix-{_m.lower().replace('=', '')}", SMALL, {**SMALL_TRAIN, **_how}, "mixed",
+                    f"3-layer 64-wide dense model, five-domain corpus, {_m} mixture")
+for _s, _name in SCHEDULE_RUNS.items():
+    if _name.startswith("sched-"):
+        _register_seeds(_name, SMALL, {**SMALL_TRAIN, "schedule": _s}, "mixed",
+                        f"3-layer 64-wide dense model, five-domain corpus, uniform mixture, {_s} LR schedule")
+_register_seeds(BATCH_RUNS[4096], SMALL, {**SMALL_TRAIN, "steps": 75, "warmup_steps": 8, "eval_every": 25,
+                                          "batch_tokens": 4096}, "mixed",
+                "3-layer 64-wide dense model, five-domain corpus, 4,096-token batches by 4x accumulation")
+_register_seeds(DENSE_MATCHED[0], DENSE_MATCHED[1], MOE_TINY_TRAIN, "stdlib",
+                "3-layer 64-wide dense model with moe-tiny's active parameters (d_ff 174)")
 
 
 @dataclass
@@ -155,7 +199,7 @@ def _train(name: str, folder: Path, progress: bool) -> None:
     tc = r.train_config(device="auto")
     # an interrupted earlier training of the same recipe resumes where its last checkpoint stopped
     resume = 0 < _trained_steps(folder) < tc.steps
-    train(r.model_config(), tc, out_dir=folder, resume=resume, progress=progress)
+    train(r.model_config(), tc, data=corpus_splits(r.corpus), out_dir=folder, resume=resume, progress=progress)
 
 
 def _trained_steps(folder: Path) -> int:

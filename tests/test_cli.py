@@ -116,6 +116,18 @@ def _bad(tmp_path, text_files):
         "zoo unknown action": (["zoo", "fetch"], "fetch"),
         "zoo path unknown": (["zoo", "path", "no-such-model"], "dense-tiny"),
         "zoo train unknown": (["zoo", "train", "no-such-model"], "no-such-model"),
+        "unknown schedule": (["train", "--out", out, "--schedule", "dynamic"], "dynamic"),
+        "weights not pairs": (["train", "--out", out, "--domain-weights", "code"], "DOMAIN=WEIGHT"),
+        "negative weight": (["train", "--out", out, "--domain-weights", "code=-1"], "domain_weights"),
+        "unknown domain": (["train", "--out", out, "--data", a, b, *TINY_ARGS, "--domain-weights", "poetry=1"],
+                           "poetry"),
+        "weights and temperature": (["train", "--out", out, "--domain-weights", "code=1",
+                                     "--mixture-temperature", "2"], "not allowed with"),
+        "zero temperature": (["train", "--out", out, "--mixture-temperature", "0"], "mixture_temperature"),
+        "batch under a sequence": (["train", "--out", out, "--seq-len", "32", "--batch-tokens", "16"],
+                                   "batch_tokens"),
+        "unknown corpus": (["train", "--out", out, "--corpus", "web"], "web"),
+        "corpus and data": (["train", "--out", out, "--data", a, b, "--corpus", "mixed", *TINY_ARGS], "--corpus"),
         "bench without what": (["bench"], "WHAT"),
         "bench bad precision": (["bench", "train", "--precision", "fp8"], "fp8"),
         "bench bad batch": (["bench", "decode", "--batch-sizes", "0"], "'0'"),
@@ -169,6 +181,17 @@ def test_train_then_generate(tmp_path, text_files, capsys):
     code, out, err = run(["train", "--out", ck, "--data", a, b, *TINY_ARGS, "--steps", 4, "--eval-every", 2,
                           "--resume"], capsys)
     assert code == 0, err
+
+
+def test_train_reports_the_mixture_and_mfu(tmp_path, text_files, capsys):
+    a, b = text_files
+    code, out, err = run(["train", "--out", tmp_path / "ck", "--data", a, b, *TINY_ARGS, "--steps", 3,
+                          "--eval-every", 3, "--domain-weights", "text=1", "--schedule", "exponential"], capsys)
+    assert code == 0, err
+    assert f"tokens seen per domain: text {3 * 4 * 32:,} (100%)" in out
+    assert "MFU" in out and "measured" in out
+    state = json.loads((tmp_path / "ck" / "trainer_state.json").read_text())
+    assert state["train_config"]["schedule"] == "exponential"
 
 
 def test_generate_greedy_is_seed_independent(tmp_path, text_files, capsys):

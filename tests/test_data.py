@@ -7,8 +7,8 @@ import torch
 
 from minimoe import data
 from minimoe.data import (
-    SPECIAL_TOKENS, ByteTokenizer, Document, TokenDataset, builtin_splits,
-    split_documents, stdlib_corpus, text_file_corpus,
+    SPECIAL_TOKENS, ByteTokenizer, Document, TokenDataset, builtin_splits, corpus_splits,
+    mixed_documents, mixed_splits, split_documents, stdlib_corpus, text_file_corpus,
 )
 
 
@@ -313,3 +313,20 @@ def test_builtin_splits(full_corpus, tmp_path, monkeypatch):
             builtin_splits(val_fraction=0.0)
     finally:
         builtin_splits.cache_clear()  # don't leak datasets from the temp cache into other tests
+
+
+def test_corpus_splits_names(monkeypatch):
+    with pytest.raises(ValueError, match="unknown corpus 'web'.*stdlib"):
+        corpus_splits("web")
+
+
+def test_mixed_splits_small(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path))
+    train, val = mixed_splits(max_files=12, n_generated=300)
+    assert train.domains == ["arithmetic", "code", "dialogue", "facts", "prose"]
+    assert set(val.domains) <= set(train.domains) and len(val.domains) >= 3
+    again = mixed_splits.__wrapped__(max_files=12, n_generated=300)       # from the disk cache
+    assert all(np.array_equal(again[0].streams[d], train.streams[d]) for d in train.domains)
+    docs, report = mixed_documents(n_generated=300, max_files=12)
+    assert report.docs_in == len(stdlib_corpus(max_files=12))
+    assert sum(d.domain in ("arithmetic", "dialogue", "facts") for d in docs) == 900

@@ -23,8 +23,8 @@ def test_rotary_preserves_norm_and_encodes_relative_position():
     # rotating a vector never changes its length
     x = torch.randn(2, 3, 10, 16)
     torch.testing.assert_close(rot(x).norm(dim=-1), x.norm(dim=-1))
-    # <R_m q, R_n k> depends only on m - n
-    def score(m, n):
+
+    def score(m, n):  # <R_m q, R_n k> depends only on m - n
         return (rot(q, start=m) * rot(k, start=n)).sum()
     torch.testing.assert_close(score(5, 2), score(40, 37), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(score(5, 2), score(5, 4))

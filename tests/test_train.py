@@ -186,10 +186,10 @@ def test_accumulated_step_equals_one_big_batch(tiny_config, tiny_train_config, m
     acc = dataclasses.replace(big, batch_size=2, batch_tokens=4 * big.seq_len)
     assert acc.accumulation_steps == 2
 
-    def fixed(self, batch_size, seq_len, rng, weights=None):
+    def fixed(self, batch_size, seq_len, rng, weights=None, return_domains=False):
         x = torch.from_numpy(stream[:seq_len].astype(np.int64)).repeat(batch_size, 1)
         y = torch.from_numpy(stream[1:seq_len + 1].astype(np.int64)).repeat(batch_size, 1)
-        return x, y
+        return (x, y, torch.zeros(batch_size, dtype=torch.long)) if return_domains else (x, y)
 
     monkeypatch.setattr(TokenDataset, "sample_batch", fixed)
     a = train(tiny_config, big, data=(ds, ds), progress=False)
@@ -228,11 +228,17 @@ def _expected_lr(cfg: TrainConfig, s: int) -> float:
         return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * frac))
     if cfg.schedule == "linear":
         return lr + (lo - lr) * frac
+    d = max(1, cfg.steps - 1 - w)
+    if cfg.schedule == "exponential":
+        return lr * cfg.min_lr_ratio ** ((s - w) / d)
+    if cfg.schedule == "step":
+        drops = sum(s - w >= max(1, round(k * d / 3)) for k in (1, 2, 3))
+        return lr * cfg.min_lr_ratio ** (drops / 3)
     return lr
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
-@pytest.mark.parametrize("steps, warmup", [(20, 5), (12, 0), (7, 3)])
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "step", "exponential", "constant"])
+@pytest.mark.parametrize("steps, warmup", [(20, 5), (12, 0), (7, 3), (5, 3)])
 def test_lr_schedule_closed_form(schedule, steps, warmup):
     cfg = TrainConfig(steps=steps, warmup_steps=warmup, lr=2e-3, min_lr_ratio=0.1, schedule=schedule,
                       device="cpu")
@@ -241,7 +247,7 @@ def test_lr_schedule_closed_form(schedule, steps, warmup):
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "exponential"])
 def test_decaying_schedule_shape(schedule):
     cfg = TrainConfig(steps=20, warmup_steps=5, lr=1e-3, min_lr_ratio=0.1, schedule=schedule, device="cpu")
     lrs = _lrs(cfg)
@@ -254,6 +260,17 @@ def test_decaying_schedule_shape(schedule):
     assert all(b < a for a, b in zip(decay, decay[1:]))                      # then strictly decays
     assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-9)     # to the floor at the last step
     assert min(lrs[5:]) == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-9)
+
+
+def test_step_schedule_drops_three_times_at_the_thirds():
+    cfg = TrainConfig(steps=32, warmup_steps=1, lr=1e-3, min_lr_ratio=0.125, schedule="step", device="cpu")
+    lrs = _lrs(cfg)
+    assert lrs[1] == pytest.approx(1e-3)
+    levels = sorted(set(round(x, 12) for x in lrs[1:]), reverse=True)
+    assert levels == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])       # factor 0.125 ** (1/3) = 0.5 per drop
+    assert lrs[-1] == pytest.approx(1.25e-4)
+    drops = [i for i in range(2, 32) if lrs[i] < lrs[i - 1] * 0.99]
+    assert drops == [11, 21, 31]                                          # 30 decay steps: at 10, 20, 30
 
 
 def test_constant_schedule_after_warmup():
@@ -292,7 +309,16 @@ def test_bf16_training(tiny_config, tiny_data, tiny_train_config):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"schedule": "step"}, "schedule"),
+    ({"schedule": "dynamic-cosine"}, "schedule"),
+    ({"schedule": "exponential", "min_lr_ratio": 0.0}, "min_lr_ratio"),
+    ({"schedule": "step", "min_lr_ratio": 0.0}, "min_lr_ratio"),
+    ({"batch_size": 4, "seq_len": 32, "batch_tokens": 31}, "batch_tokens"),
+    ({"domain_weights": {"code": -1.0}}, "domain_weights"),
+    ({"domain_weights": {"code": 0.0, "prose": 0}}, "domain_weights"),
+    ({"domain_weights": {"code": float("nan")}}, "domain_weights"),
+    ({"domain_weights": {}}, "domain_weights"),
+    ({"mixture_temperature": 0.0}, "mixture_temperature"),
+    ({"mixture_temperature": 2.0, "domain_weights": {"code": 1.0}}, "mixture_temperature"),
     ({"precision": "fp8"}, "precision"),
     ({"precision": "fp16"}, "precision"),
     ({"batch_size": 4, "seq_len": 32, "batch_tokens": 200}, "batch_tokens"),
@@ -397,3 +423,59 @@ def test_evaluate_domain_and_cap(tiny_config, tiny_data):
     assert code["tokens"] == (val.n_tokens("code") - 1) // 32 * 32
     with pytest.raises(ValueError):
         evaluate(model, val, batch_size=4, seq_len=32, domain="nope")
+
+
+# -----------------------------------------------------------------------------
+# data mixture, tokens seen, throughput
+
+
+def test_tokens_per_domain_follow_the_weights(tiny_config, tiny_data, tiny_train_config):
+    train_ds = tiny_data[0]
+    assert len(train_ds.domains) >= 2
+    a, b = train_ds.domains[:2]
+    tc = dataclasses.replace(tiny_train_config, steps=30, domain_weights={a: 3.0, b: 1.0})
+    h = train(tiny_config, tc, data=tiny_data, progress=False).history
+    assert h["mixture"][a] == pytest.approx(0.75) and h["mixture"][b] == pytest.approx(0.25)
+    seen = h["domain_tokens"]
+    assert sum(seen.values()) == h["train"][-1]["tokens"] == 30 * tc.tokens_per_step
+    assert 0.6 < seen[a] / (seen[a] + seen[b]) < 0.9          # 240 rows drawn with p = 0.75
+    assert all(v == 0 for d, v in seen.items() if d not in (a, b))
+
+
+def test_unknown_domain_in_weights_names_the_field(tiny_config, tiny_data, tiny_train_config):
+    tc = dataclasses.replace(tiny_train_config, domain_weights={"poetry": 1.0})
+    with pytest.raises(ValueError, match="domain_weights.*poetry"):
+        train(tiny_config, tc, data=tiny_data, progress=False)
+
+
+def test_mixture_temperature():
+    ds = TokenDataset.from_streams({"big": np.zeros(900, np.uint16), "small": np.zeros(100, np.uint16)})
+    assert ds.mixture_weights(1.0) == pytest.approx({"big": 0.9, "small": 0.1})
+    assert ds.mixture_weights(2.0) == pytest.approx({"big": 0.75, "small": 0.25})   # sqrt: 30 : 10
+    assert ds.mixture_weights(1e9) == pytest.approx({"big": 0.5, "small": 0.5})
+    with pytest.raises(ValueError, match="temperature"):
+        ds.mixture_weights(0.0)
+
+
+def test_eval_reports_loss_per_domain(tiny_config, tiny_data, tiny_train_config):
+    result = train(tiny_config, tiny_train_config, data=tiny_data, progress=False)
+    assert set(result.history["eval"][-1]["val_loss_by_domain"]) == set(tiny_data[1].domains)
+    val = tiny_data[1]
+    r = evaluate(result.model, val, 4, 16, max_batches=None)
+    for d in val.domains:   # each domain's share equals evaluating that domain alone over the same windows
+        alone = evaluate(result.model, val, 4, 16, max_batches=None, domain=d)
+        assert r["loss_by_domain"][d] == pytest.approx(alone["loss"], rel=1e-6)
+    n = {d: (len(val.streams[d]) - 1) // 16 * 16 for d in val.domains}
+    mean = sum(r["loss_by_domain"][d] * n[d] for d in val.domains) / sum(n.values())
+    assert r["loss"] == pytest.approx(mean, rel=1e-6)          # the overall loss is their token-weighted mean
+
+
+def test_throughput_and_mfu(tiny_config, tiny_data, tiny_train_config):
+    result = train(tiny_config, tiny_train_config, data=tiny_data, progress=False)
+    t, last = result.history["throughput"], result.history["train"][-1]
+    assert t["tokens_per_second"] == pytest.approx(last["tokens"] / last["seconds"])
+    assert t["model_flops_per_second"] == pytest.approx(
+        result.model.flops_per_token(tiny_train_config.seq_len) * t["tokens_per_second"])
+    assert 0 < t["mfu"] < 1 and t["peak_source"].startswith("measured")
+    seconds = [e["seconds"] for e in result.history["train"]]
+    assert all(b > a for a, b in zip(seconds, seconds[1:]))

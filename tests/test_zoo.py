@@ -225,3 +225,32 @@ def test_dense_tiny_is_registered_and_valid(cache):
 def test_fixture_cleans_up():
     # runs after the tests above (file order): every temporary recipe was removed again
     assert not any(name.startswith("test-") for name in zoo.RECIPES)
+
+
+def test_recipes_name_their_corpus(recipe, cache, monkeypatch, tiny_data):
+    base = zoo.Recipe("test-corpus", "", dict(TINY_MODEL), dict(TINY_TRAIN))
+    mixed = dataclasses.replace(base, corpus="mixed")
+    assert base.key() != mixed.key()                       # a different corpus is a different model
+    with pytest.raises(ValueError, match="corpus 'web'"):
+        zoo.register(dataclasses.replace(base, corpus="web"))
+    asked = []
+    monkeypatch.setattr(minimoe.data, "mixed_splits", lambda *a, **k: asked.append("mixed") or tiny_data)
+    zoo.register(mixed)
+    try:
+        zoo.load("test-corpus", progress=False)
+    finally:
+        zoo.RECIPES.pop("test-corpus", None)
+    assert asked == ["mixed"]
+
+
+def test_chapter2_recipes_match_their_studies(cache):
+    """The dense model of the MoE comparison has moe-tiny's active parameters and FLOPs per token to 0.1%."""
+    from minimoe.model import MiniLM
+    dense = MiniLM(zoo.recipe("dense-matched").model_config())
+    moe = MiniLM(zoo.recipe("moe-tiny").model_config())
+    assert abs(dense.num_active_parameters() / moe.num_active_parameters() - 1) < 1e-3
+    assert abs(dense.flops_per_token(128) / moe.flops_per_token(128) - 1) < 1e-3
+    assert zoo.recipe("dense-matched").train == zoo.recipe("moe-tiny").train
+    tc = {n: zoo.recipe(n).train_config() for n in zoo.BATCH_RUNS.values()}
+    assert len({t.steps * t.tokens_per_step for t in tc.values()}) == 1          # equal tokens
+    assert {zoo.recipe(n).train_config().schedule for n in zoo.SCHEDULE_RUNS.values()} == set(zoo.SCHEDULE_RUNS)
