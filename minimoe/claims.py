@@ -109,8 +109,14 @@ CLAIMS: tuple[Claim, ...] = (
         article=(f"Training data mixture {_ORDER}: 45 web / 30 books / 15 code / 10 multimodal; "
                  "50 web / 25 books / 15 code / 10 private; 40 web / 35 human-cleaned / "
                  "20 papers / 5 code; 60 multilingual / 25 code / 15 science (percent)"),
-        ours="", where=None, verdict=NOT_YET,
-        why="Needs domain-mixture training runs on the built-in corpora.",
+        ours=("Built a corpus whose composition is measured, not drawn: cleaned stdlib code (10.3M tokens) and prose "
+              "(2.1M) plus generated arithmetic, dialogue and facts (0.2-1.1M each; held-out problems never in "
+              "training). Cleaning removed 4.9% of the stdlib bytes (23 near-duplicates by MinHash). Three mixtures "
+              "at equal tokens, 3 seeds: uniform sampling beat natural (size-proportional) sampling by 0.9-1.5 bits "
+              "per byte on the generated domains and lost 0.3-0.6 on code and prose, all beyond the seed spread"),
+        where="02-training/01-data-mixture.ipynb", verdict="not measurable at this scale",
+        why=("No lab publishes its mixture, and DeepSeek-V3 is a text-only model, so its '10% multimodal' has no "
+             "referent; what a mixture does to each domain's loss is measured instead."),
     ),
     Claim(
         id="T2", chapter=2,
@@ -133,8 +139,13 @@ CLAIMS: tuple[Claim, ...] = (
                  "tokens 4.6T / 13T / 2.8T / 3.6T; batch 4M / 3.2M / 2.4M / 5M tokens; LR schedule "
                  "dynamic cosine / linear decay / step / exponential decay; hardware utilization "
                  "92% / 85% / 78% / 88%"),
-        ours="", where=None, verdict=NOT_YET,
-        why="Sizes are checked against public reports; schedules and utilization against our runs.",
+        ours=("All four schedules (torch.optim.lr_scheduler) trained on one model, 3 seeds: linear and step tie with "
+              "warm-up + cosine, exponential ends 0.16 bits per byte worse; batch in tokens by gradient "
+              "accumulation (4,096 tokens in 4 micro-batches: fewer steps, a worse loss at equal tokens); measured "
+              "MFU of our runs 14-47% of this CPU's measured fp32 matmul peak"),
+        where="02-training/02-schedules.ipynb", verdict="contradicted",
+        why=("DeepSeek-V3's report gives 671B parameters (37B active) and 14.8T tokens, not 340B and 4.6T; 78-92% "
+             "utilization is far above published MFUs (PaLM 46.2%, Llama 3 405B 38-43%)."),
         defect=("The sizes against public reports: DeepSeek-V3 has 671B parameters and was trained "
                 "on 14.8T tokens (DeepSeek-V3 technical report, 2024); GPT-4's, Claude's and "
                 "PaLM-2's sizes are not published."),

@@ -167,5 +167,5 @@ def peak_flops(device="cpu", precision: str = "fp32") -> tuple[float, str]:
     if key not in _PEAK_CACHE:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         _PEAK_CACHE[key] = matmul_peak(dtype, device, sizes=(4096,) if device.type == "cuda" else (1024,),
-                                       repeats=5)
+                                       repeats=10)
     return _PEAK_CACHE[key], f"measured ({precision} matmul on {name})"

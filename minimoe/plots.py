@@ -55,10 +55,13 @@ def plot_decode(rows: list[dict], ax=None):
 def plot_seed_bands(ax, groups: dict, xlabel: str, ylabel: str, logy: bool = False):
     """One line per group: the mean over seeds, with a band from the lowest to the highest seed.
 
-    groups: {label: [(xs, ys) for each seed]} with the same xs for every seed of a group.
+    groups: {label: [(xs, ys) for each seed]}, every seed with the same number of points. Where the seeds' xs
+    differ (wall-clock time does), the line is drawn at their mean.
     """
     for label, runs in groups.items():
-        xs = np.asarray(runs[0][0], dtype=float)
+        if len({len(x) for x, _ in runs}) != 1:
+            raise ValueError(f"every seed of {label!r} needs the same number of points")
+        xs = np.array([np.asarray(x, dtype=float) for x, _ in runs]).mean(0)
         ys = np.array([np.asarray(y, dtype=float) for _, y in runs])
         line, = ax.plot(xs, ys.mean(0), label=f"{label} (mean of {len(runs)} seeds)")
         ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, linewidth=0)

@@ -4,7 +4,7 @@ A study names a recipe base (e.g. "mix-uniform"); its runs are that recipe train
 Everything here reads the training histories the zoo cached, so a notebook that shows a comparison trains
 nothing once the cache is warm.
 
-    runs = seed_runs("dense-matched")                # ZooEntry per seed
+    runs = seed_runs("moe-mixed")                    # ZooEntry per seed
     curve(runs[0], x="flops")                        # validation loss against training FLOPs
     final_losses("mix-t3", by_domain=True)           # {domain: [final loss per seed]}
 """
@@ -18,8 +18,9 @@ X_AXES = {"tokens": "training tokens", "flops": "training FLOPs", "seconds": "tr
 
 
 def seed_runs(base: str, progress: bool = False) -> list["zoo.ZooEntry"]:
-    """The zoo runs of `base` for every seed, trained first where not cached."""
-    return [zoo.load(name, progress=progress) for name in zoo.seed_names(base)]
+    """The zoo runs of `base` for every seed it is registered with, trained first where not cached."""
+    zoo.recipe(base)  # an unknown name fails here, listing the known ones
+    return [zoo.load(name, progress=progress) for name in zoo.seed_names(base) if name in zoo.RECIPES]
 
 
 def curve(run: "zoo.ZooEntry", x: str = "tokens", y: str = "val_loss") -> tuple[list[float], list[float]]:
@@ -51,22 +52,30 @@ def final_losses(base: str, by_domain: bool = False, key: str = "val_loss"):
     return {d: [e["val_loss_by_domain"][d] for e in finals] for d in domains}
 
 
-def training_row(base: str, label: str | None = None) -> dict:
-    """One row of the measured T4 table for `base` over its seeds: sizes, tokens, batch, schedule and MFU."""
-    runs = seed_runs(base)
-    model, h = runs[0].model, runs[0].history
-    tc = h["train_config"]
-    mfu = mean_std([r.history["throughput"]["mfu"] for r in runs])
-    tps = mean_std([r.history["throughput"]["tokens_per_second"] for r in runs])
-    return {
-        "model": label or base,
-        "total": model.num_parameters(),
-        "active": model.num_active_parameters(),
-        "tokens": h["train"][-1]["tokens"],
-        "batch_tokens": TrainConfig.from_dict(tc).tokens_per_step,
-        "schedule": f"warm-up {tc['warmup_steps']} + {tc['schedule']}",
-        "mfu": mfu[0], "mfu_std": mfu[1],
-        "tokens_per_second": tps[0],
-        "peak": h["throughput"]["peak_source"],
-        "seeds": len(runs),
-    }
+def training_table(bases: dict[str, str]) -> list[dict]:
+    """The measured T4 table: one row per {recipe base: label}, over each base's seeds.
+
+    Columns: total and active parameters, tokens trained, batch in tokens, schedule, tokens per second and MFU
+    (mean and std over seeds). Every run records the matmul peak measured in its own process; a busy machine
+    lowers that number, so the table divides every run's model FLOP/s by one peak, the highest any of its runs
+    recorded, to compare the rows with one denominator.
+    """
+    runs = {base: seed_runs(base) for base in bases}
+    peak = max(r.history["throughput"]["peak_flops"] for rs in runs.values() for r in rs)
+    source = next(r.history["throughput"]["peak_source"] for rs in runs.values() for r in rs
+                  if r.history["throughput"]["peak_flops"] == peak)
+    rows = []
+    for base, label in bases.items():
+        rs = runs[base]
+        model, h = rs[0].model, rs[0].history
+        tc = TrainConfig.from_dict(h["train_config"])
+        mfu = mean_std([r.history["throughput"]["model_flops_per_second"] / peak for r in rs])
+        tps = mean_std([r.history["throughput"]["tokens_per_second"] for r in rs])
+        rows.append({
+            "model": label, "total": model.num_parameters(), "active": model.num_active_parameters(),
+            "tokens": h["train"][-1]["tokens"], "batch_tokens": tc.tokens_per_step,
+            "schedule": f"warm-up {tc.warmup_steps} + {tc.schedule}",
+            "tokens_per_second": tps[0], "tokens_per_second_std": tps[1], "mfu": mfu[0], "mfu_std": mfu[1],
+            "peak_flops": peak, "peak": source, "seeds": len(rs),
+        })
+    return rows

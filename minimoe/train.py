@@ -141,6 +141,19 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
 
 
+def lr_schedule(cfg: TrainConfig) -> list[float]:
+    """The learning rate each of cfg.steps optimizer steps uses, driven exactly as train() drives it."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg)
+    out = []
+    for _ in range(cfg.steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
 def make_optimizer(model: MiniLM, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (norm gains are not decayed), as in GPT-2/Llama practice."""
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -40,12 +40,16 @@ def test_curves_and_finals(study, tiny_data):
     assert set(by_domain) == set(tiny_data[1].domains) and all(len(v) == 3 for v in by_domain.values())
 
 
-def test_training_row(study):
-    row = studies.training_row(study, label="tiny")
+def test_training_table_uses_one_peak(study, monkeypatch):
     runs = studies.seed_runs(study)
-    assert row["model"] == "tiny" and row["seeds"] == 3
+    runs[1].history["throughput"]["peak_flops"] *= 2          # as if seed 1 had measured on an idle machine
+    monkeypatch.setattr(studies, "seed_runs", lambda base: runs)
+    peaks = [r.history["throughput"]["peak_flops"] for r in runs]
+    assert len(set(peaks)) == 2
+    (row,) = studies.training_table({study: "tiny"})
+    assert row["model"] == "tiny" and row["seeds"] == 3 and row["peak_flops"] == max(peaks)
     assert row["total"] == row["active"] == runs[0].model.num_parameters()
     assert row["tokens"] == 4 * 4 * 32 and row["batch_tokens"] == 4 * 32
     assert row["schedule"] == "warm-up 1 + cosine"
-    mfus = [r.history["throughput"]["mfu"] for r in runs]
+    mfus = [r.history["throughput"]["model_flops_per_second"] / max(peaks) for r in runs]
     assert min(mfus) <= row["mfu"] <= max(mfus) and 0 < row["mfu"] < 1

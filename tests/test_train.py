@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from minimoe.checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from minimoe.data import ByteTokenizer, TokenDataset
 from minimoe.model import MiniLM
-from minimoe.train import TrainConfig, evaluate, make_scheduler, train
+from minimoe.train import TrainConfig, evaluate, lr_schedule, train
 
 
 def _losses(result):
@@ -204,19 +204,6 @@ def test_accumulated_step_equals_one_big_batch(tiny_config, tiny_train_config, m
 # LR schedules
 
 
-def _lrs(cfg: TrainConfig) -> list[float]:
-    """The LR each of cfg.steps optimizer steps uses, exactly as train() drives the scheduler."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([p], lr=cfg.lr)
-    sched = make_scheduler(opt, cfg)
-    out = []
-    for _ in range(cfg.steps):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
-
-
 def _expected_lr(cfg: TrainConfig, s: int) -> float:
     """Closed form: linear warm-up lr*(s+1)/(w+1) up to lr at step w, then decay to lr*min_lr_ratio at the
     last step (index steps-1)."""
@@ -242,7 +229,7 @@ def _expected_lr(cfg: TrainConfig, s: int) -> float:
 def test_lr_schedule_closed_form(schedule, steps, warmup):
     cfg = TrainConfig(steps=steps, warmup_steps=warmup, lr=2e-3, min_lr_ratio=0.1, schedule=schedule,
                       device="cpu")
-    lrs = _lrs(cfg)
+    lrs = lr_schedule(cfg)
     expected = [_expected_lr(cfg, s) for s in range(steps)]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
@@ -250,7 +237,7 @@ def test_lr_schedule_closed_form(schedule, steps, warmup):
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "exponential"])
 def test_decaying_schedule_shape(schedule):
     cfg = TrainConfig(steps=20, warmup_steps=5, lr=1e-3, min_lr_ratio=0.1, schedule=schedule, device="cpu")
-    lrs = _lrs(cfg)
+    lrs = lr_schedule(cfg)
     warm = lrs[:6]
     assert all(b > a for a, b in zip(warm, warm[1:]))                        # rises during warm-up
     assert np.allclose(np.diff(warm), warm[1] - warm[0])                     # ... linearly
@@ -264,7 +251,7 @@ def test_decaying_schedule_shape(schedule):
 
 def test_step_schedule_drops_three_times_at_the_thirds():
     cfg = TrainConfig(steps=32, warmup_steps=1, lr=1e-3, min_lr_ratio=0.125, schedule="step", device="cpu")
-    lrs = _lrs(cfg)
+    lrs = lr_schedule(cfg)
     assert lrs[1] == pytest.approx(1e-3)
     levels = sorted(set(round(x, 12) for x in lrs[1:]), reverse=True)
     assert levels == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])       # factor 0.125 ** (1/3) = 0.5 per drop
@@ -275,7 +262,7 @@ def test_step_schedule_drops_three_times_at_the_thirds():
 
 def test_constant_schedule_after_warmup():
     cfg = TrainConfig(steps=10, warmup_steps=3, lr=1e-3, schedule="constant", device="cpu")
-    lrs = _lrs(cfg)
+    lrs = lr_schedule(cfg)
     assert lrs[:3] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
     assert lrs[3:] == pytest.approx([1e-3] * 7)
 
@@ -283,7 +270,7 @@ def test_constant_schedule_after_warmup():
 def test_history_records_the_schedule(tiny_config, tiny_data, tiny_train_config):
     result = train(tiny_config, tiny_train_config, data=tiny_data, progress=False)
     recorded = [e["lr"] for e in result.history["train"]]
-    assert recorded == pytest.approx(_lrs(tiny_train_config), rel=1e-12)
+    assert recorded == pytest.approx(lr_schedule(tiny_train_config), rel=1e-12)
     assert recorded[-1] == pytest.approx(tiny_train_config.lr * tiny_train_config.min_lr_ratio)
 
 
