@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["fp32", "bf16"])
     t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ...")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--nproc", type=_positive_int,
+                   help="data-parallel processes (started with torchrun; gloo on CPU, NCCL on GPUs)")
+    t.add_argument("--zero", action="store_true", help="with --nproc: shard AdamW's state across processes (ZeRO-1)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = sub.add_parser("generate", help="sample text from a checkpoint folder or a zoo model",
@@ -136,12 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_processes(["-m", "minimoe.cli", "--", *map(str, argv)], args.nproc)
     try:
         return {"train": _train, "generate": _generate, "zoo": _zoo, "bench": _bench}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # bad input named by the library: one line, exit 2
         print(f"minimoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def launch_processes(script_args: list[str], nproc: int) -> int:
+    """Run `python <script_args>` on `nproc` processes with torchrun (torch.distributed.run) and return its exit
+    status. torchrun sets RANK / WORLD_SIZE / MASTER_ADDR for accelerate, and if one process fails it stops the
+    others and exits non-zero with that process's error. This is the documented command line, not a home-made
+    launcher: `torchrun --standalone --nproc_per_node N -m minimoe.cli train ...` does the same.
+    """
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *script_args]
+    return subprocess.run(cmd).returncode
 
 
 def _train(args) -> int:
@@ -157,6 +176,10 @@ def _train(args) -> int:
     if args.router is not None and args.router != "deepseek" and args.bias_update_speed is None:
         model_fields.pop("bias_update_speed", None)  # the recipe's DeepSeek setting does not apply to other routers
     train_fields = dict(r.train)
+    if args.nproc:
+        train_fields.update(processes=args.nproc, zero=args.zero)
+    elif args.zero:
+        raise ValueError("--zero shards the optimizer across processes: give --nproc N as well")
     for name in ("steps", "batch_size", "seq_len", "batch_tokens", "lr", "warmup_steps", "eval_every",
                  "checkpoint_every", "seed", "schedule", "precision", "min_lr_ratio", "domain_weights",
                  "mixture_temperature"):
@@ -177,7 +200,13 @@ def _train(args) -> int:
         if not val_docs:
             raise ValueError("need at least two files (or documents) so one can be held out for validation")
         splits = (data.TokenDataset(train_docs), data.TokenDataset(val_docs))
-    result = train(mc, tc, data=splits, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    result = train(mc, tc, data=splits, out_dir=args.out, resume=args.resume,
+                   progress=not args.quiet and main_process)
+    if not main_process:
+        return 0
+    if args.nproc:
+        print(f"data parallel: {args.nproc} processes{', ZeRO-1' if args.zero else ''}")
     last = result.history["eval"][-1] if result.history["eval"] else None
     if last:
         print(f"step {last['step']}: validation loss {last['val_loss']:.4f}, {last['val_bpb']:.3f} bits/byte")

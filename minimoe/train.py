@@ -4,6 +4,7 @@ gradient accumulation to a token batch, clipping, periodic validation, exact res
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
@@ -29,6 +30,7 @@ from .moe import max_violation
 # of the decay, "exponential" a constant factor per step.
 SCHEDULES = ("cosine", "linear", "step", "exponential", "constant")
 PRECISIONS = ("fp32", "bf16")
+DIST_TIMEOUT_S = 300  # seconds a collective may wait for a missing rank before the run fails
 
 
 @dataclass
@@ -53,6 +55,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int | None = None  # steps between checkpoints when an output folder is given
+    processes: int | None = None       # data-parallel processes this run must have (checked at start); None = any
+    zero: bool = False                 # ZeRO-1: shard AdamW's state across data-parallel processes
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -91,6 +95,9 @@ class TrainConfig:
                 raise ValueError(f"mixture_temperature must be > 0, got {self.mixture_temperature!r}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be a positive integer or None, got {self.checkpoint_every!r}")
+        if self.processes is not None and (isinstance(self.processes, bool) or not isinstance(self.processes, int)
+                                           or self.processes < 1):
+            raise ValueError(f"processes must be a positive integer or None, got {self.processes!r}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -154,13 +161,24 @@ def lr_schedule(cfg: TrainConfig) -> list[float]:
     return out
 
 
-def make_optimizer(model: MiniLM, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm gains are not decayed), as in GPT-2/Llama practice."""
+def make_optimizer(model: MiniLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (norm gains are not decayed), as in GPT-2/Llama practice.
+
+    With cfg.zero and several processes: ZeRO stage 1 (Rajbhandari et al. 2020) through PyTorch's
+    ZeroRedundancyOptimizer. Each process keeps AdamW's two moments for only its share of the parameters, steps
+    those, and broadcasts the updated values, so optimizer memory per process falls by the number of processes.
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device
     fused = device.type in ("cpu", "cuda")  # one kernel for the whole update instead of one per tensor
+    if cfg.zero and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, lr=cfg.lr,
+                                       betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=fused)
+        zero.add_param_group({"params": no_decay, "weight_decay": 0.0})
+        return zero
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -172,7 +190,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # must reset it. Only safe (and only done) when this is not a multi-process run.
     if state and state.get("_mixed_precision") not in (None, mixed) and state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+    # a rank that fails or hangs must stop the run in minutes, not after torch's default 30-minute timeout
+    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))]
+    return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu", kwargs_handlers=handlers)
 
 
 @torch.no_grad()
@@ -246,11 +266,17 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
     accelerator = make_accelerator(cfg)
     if accelerator.device.type == "cpu":
         tune_cpu_allocator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.processes is not None and world != cfg.processes:
+        raise RuntimeError(f"expected {cfg.processes} data-parallel processes, but this run has {world} "
+                           "(on a CPU, `accelerate launch --cpu --num_processes N` starts one; use "
+                           "`minimoe train --nproc N` or torchrun)")
     model = model if model is not None else MiniLM(model_config)
     model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    rng = np.random.default_rng(cfg.seed)
+    # every data-parallel process draws its own batches; one process draws exactly what it always did
+    rng = np.random.default_rng(cfg.seed if world == 1 else [cfg.seed, rank])
     weights = domain_probabilities(cfg, train_ds)
     history = {"train": [], "eval": [], "train_config": cfg.to_dict(), "mixture": weights,
                "domain_tokens": {d: 0 for d in train_ds.domains}}
@@ -261,6 +287,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
             raise CheckpointError(f"cannot resume: no checkpoint at {out_dir}")
         load_checkpoint(out_dir, device=accelerator.device, model=model)
         state, opt_state = load_training_state(out_dir)
+        if world > 1:
+            raise CheckpointError("resuming a multi-process run is not supported: each process's data stream "
+                                  "would restart from the main process's; rerun it from the start")
         if state.get("train_config") != _comparable(cfg):
             raise CheckpointError(f"cannot resume {out_dir}: it was trained with a different TrainConfig")
         optimizer.load_state_dict(opt_state["optimizer"])
@@ -270,11 +299,28 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
         history, start = state["history"], state["step"]
         history.setdefault("domain_tokens", {d: 0 for d in train_ds.domains})  # checkpoints before 0.2
         history.setdefault("mixture", weights)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: accelerate's optimizer wrapper cannot hold it
+        model = accelerator.prepare(model)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
+    base_seen = dict(history["domain_tokens"])  # tokens seen before this run (a resumed checkpoint's)
+    seen = np.zeros(len(train_ds.domains), dtype=np.int64)  # tokens this process has drawn since
+
+    def count_seen():  # collective: every process calls it
+        total = torch.tensor(seen, dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(total, "sum") if world > 1 else total
+        history["domain_tokens"] = {d: base_seen.get(d, 0) + int(n) for d, n in zip(train_ds.domains, total.tolist())}
+
     def checkpoint(step):
-        if out_dir is None or not accelerator.is_main_process:
+        if out_dir is None:
+            return
+        count_seen()
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        if hasattr(inner, "consolidate_state_dict"):  # ZeRO: gather the shards on the main process first
+            inner.consolidate_state_dict(to=0)
+        if not accelerator.is_main_process:
             return
         state = {"step": step, "history": history, "data_rng": rng.bit_generator.state,
                  "train_config": _comparable(cfg)}
@@ -300,8 +346,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
         loss_sum = 0.0
         for micro in range(cfg.accumulation_steps):
             x, y, dom = train_ds.sample_batch(cfg.batch_size, cfg.seq_len, rng, weights=weights, return_domains=True)
-            for i, n in zip(*np.unique(dom.numpy(), return_counts=True)):
-                history["domain_tokens"][train_ds.domains[i]] += int(n) * cfg.seq_len
+            seen += np.bincount(dom.numpy(), minlength=len(train_ds.domains)) * cfg.seq_len
             x, y = x.to(accelerator.device), y.to(accelerator.device)
             kw = _task_kwargs(raw_model, dom, accelerator.device) if task_routed else {}
             last = micro == cfg.accumulation_steps - 1
@@ -322,11 +367,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize(accelerator.device)
         seconds += time.perf_counter() - t0
+        if world > 1:  # the logged loss is the mean over all processes' batches
+            loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean"))
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training diverged at step {step + 1}: loss = {loss_sum} "
                                      "(try a lower lr or more warm-up)")
         history["train"].append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                                 "tokens": (step + 1) * cfg.tokens_per_step,
+                                 "tokens": (step + 1) * cfg.tokens_per_step * world,
                                  "seconds": seconds, **routing})
         postfix = {"loss": f"{loss_sum:.3f}", "lr": f"{lr:.2e}"}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -335,8 +382,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
             checkpoint(step + 1)
     bar.close()
+    count_seen()
     if history["train"]:
-        history["throughput"] = throughput(raw_model, cfg, history, accelerator.device)
+        history["throughput"] = throughput(raw_model, cfg, history, accelerator.device, world)
     checkpoint(end)
     return TrainResult(model=raw_model, history=history, checkpoint=out_dir)
 
@@ -353,19 +401,21 @@ def domain_probabilities(cfg: TrainConfig, dataset: "data_lib.TokenDataset") -> 
     return {d: float(x) for d, x in zip(dataset.domains, p)}
 
 
-def throughput(model: MiniLM, cfg: TrainConfig, history: dict, device: torch.device) -> dict:
+def throughput(model: MiniLM, cfg: TrainConfig, history: dict, device: torch.device, processes: int = 1) -> dict:
     """Training tokens per second and model-FLOPs utilization (MFU) of a finished run.
 
     MFU = model FLOPs per second / peak FLOPs per second, with the model FLOPs of
     MiniLM.flops_per_token (6 per active weight per token, plus attention) and the peak from
     minimoe.device.peak_flops: the datasheet's dense peak for known GPUs, else the best matmul throughput
-    measured here (for a CPU there is no honest datasheet number per thread count).
+    measured here (for a CPU there is no honest datasheet number per thread count). With several processes
+    the tokens are all processes' and the peak is one device's times the number of processes.
     """
     last = history["train"][-1]
     seconds = last["seconds"]
     tokens = last["tokens"]
     flops = model.flops_per_token(cfg.seq_len) * tokens
     peak, source = peak_flops(device, cfg.precision)
+    peak, source = peak * processes, source + (f" x {processes} processes" if processes > 1 else "")
     return {"tokens_per_second": tokens / seconds, "model_flops_per_second": flops / seconds,
             "peak_flops": peak, "peak_source": source, "mfu": flops / seconds / peak,
             "device": device_name(device)}

@@ -1,0 +1,325 @@
+"""Expert parallelism: the routed experts are split across ranks, and the tokens travel to their experts.
+
+A Mixture-of-Experts layer has many experts but each token uses only k of them. Replicating every expert on
+every GPU wastes memory on weights that a GPU's tokens mostly do not use, so GShard (Lepikhin et al., 2020)
+gives each of `ep` ranks E / ep of the experts and moves the *activations* instead: after routing, each rank
+sends every token row to the rank that owns the chosen expert, the experts run on what arrived, and the
+results go back the same way. Both exchanges are one `all_to_all` each: rank r sends a (different-sized)
+chunk to every rank s and receives one from each. Switch Transformer (Fedus et al., 2021) and DeepSpeed-MoE
+(Rajbhandari et al., 2022) use the same pattern. The chunks are uneven (routing decides their sizes), so each
+layer first exchanges its per-expert counts (a tiny all_to_all of E integers), then the rows:
+
+    route locally -> sort assignments by expert (= by owning rank, experts are contiguous blocks)
+    all_to_all counts  -> every rank learns how many rows it will receive for each of its experts
+    all_to_all rows    -> [rows from rank 0 | rows from rank 1 | ...], each block sorted by local expert
+    regroup by local expert, run the grouped experts, undo the regrouping
+    all_to_all rows back (the same splits, swapped) -> multiply by the combine weights, add to y
+
+The backward of an all_to_all is the all_to_all with the splits swapped (`AllToAll`): the gradient of a row
+goes back to the rank the row came from. So each assignment whose expert lives on another rank moves one
+d_model row forward and one back in the forward pass, and the same two rows of gradient in the backward.
+
+Everything that is not a routed expert (attention, embeddings, the router, the shared experts) stays
+replicated: the ep ranks are data-parallel for those weights, each with its own tokens.
+
+Gradients and the 1/world scaling. With W ranks each holding 1/W of the global batch (equal token counts),
+the global mean loss is L = (1/W) sum_r loss_r. Each rank backpropagates loss_r / W; then
+* a replicated weight's gradient is summed over all W ranks: sum_r (1/W) d loss_r = dL;
+* an expert's gradient already sums, through the reverse all_to_all, the (1/W)-scaled contributions of every
+  token of its ep group; summing it over the dp group (the ranks owning the same experts in the other ep
+  groups) adds the remaining tokens: again dL. `sync_gradients` does both.
+
+Balancing and statistics. `ExpertParallelMoE` is an `MoE` (it keeps MoE's bookkeeping and is found by
+`MiniLM.moe_modules()`): last_router_output, last_dispatch, last_tokens_per_expert and stats() describe the
+rank's own tokens (counts over all E experts); `balance_loss` computes on the rank's tokens. The router z-loss
+and DeepSeek-V3's sequence-wise loss are means over tokens / sequences, so their rank average equals the
+global value; the Switch loss E * sum_i f_i P_i is a product of batch means and is not: under EP it is the
+per-rank (micro-batch) Switch loss, as in most implementations. `pending_load` adds up the rank's loads and
+`MoE.finish_step` all-reduces it over the default group before moving DeepSeek's bias, so every rank applies
+the same bias update computed from the global load. A capacity_factor applies per rank (GShard's "group"):
+each rank drops, before sending, what exceeds the capacity of its own N * k assignments, which is what MoE
+does on that rank's tokens, not what it does on the global batch. The combine weights are applied on the
+token's own rank after the results return (MoE scales the hidden activations of narrow experts instead:
+equal up to rounding).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..moe import DeepSeekRouter, GroupedExperts, MoE, _flat_ids, dispatch, max_violation
+from .plan import ParallelPlan
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits, differentiable: the backward sends each gradient row home.
+
+    x [sum(input_splits), ...]: the first input_splits[0] rows go to rank 0 of `group`, the next to rank 1, ...
+    Returns [sum(output_splits), ...]: output_splits[s] rows received from rank s, in rank order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group=None):
+        ctx.splits, ctx.group = (list(output_splits), list(input_splits)), group
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        output_splits, input_splits = ctx.splits
+        dx = grad.new_empty((sum(input_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(dx, grad.contiguous(), input_splits, output_splits, group=ctx.group)
+        return dx, None, None, None
+
+
+class ExpertParallelMoE(MoE):
+    """An MoE whose routed experts are sharded over the ranks of `group` (see the module docstring).
+
+    Holds the replicated router and shared experts and only its own contiguous block of experts
+    [first_expert, first_expert + n_local) as a GroupedExperts; computes what MoE computes on the same input.
+    """
+
+    def __init__(self, router: nn.Module, experts: GroupedExperts, shared: nn.Module | None, n_experts: int,
+                 capacity_factor: float | None, group=None):
+        # not MoE.__init__: that would allocate all E experts, the memory expert parallelism exists to save
+        nn.Module.__init__(self)
+        self.group = group
+        self.ep, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        if n_experts % self.ep:
+            raise ValueError(f"n_experts={n_experts} is not divisible by the expert-parallel size ep={self.ep}")
+        self.n_experts, self.capacity_factor = n_experts, capacity_factor
+        self.n_local = n_experts // self.ep
+        self.first_expert = self.ep_rank * self.n_local
+        if experts.n_experts != self.n_local:
+            raise ValueError(f"this rank should hold {self.n_local} experts, got {experts.n_experts}")
+        self.router, self.experts, self.shared = router, experts, shared
+        self.last_tokens_per_expert = self.last_router_output = self.last_dispatch = None
+        self.last_shape = self.pending_load = None
+
+    @classmethod
+    def from_moe(cls, moe: MoE, group=None) -> "ExpertParallelMoE":
+        """This rank's share of `moe`: copies of its router and shared experts, and its block of experts."""
+        ep = dist.get_world_size(group)
+        if moe.n_experts % ep:
+            raise ValueError(f"n_experts={moe.n_experts} is not divisible by the expert-parallel size ep={ep}")
+        n_local = moe.n_experts // ep
+        lo = dist.get_rank(group) * n_local
+        full = moe.experts
+        experts = GroupedExperts(n_local, full.d_model, full.d_ff).to(full.w_gate_up.device, full.w_gate_up.dtype)
+        with torch.no_grad():
+            experts.w_gate_up.copy_(full.w_gate_up[lo:lo + n_local])
+            experts.w_down.copy_(full.w_down[lo:lo + n_local])
+        out = cls(copy.deepcopy(moe.router), experts, copy.deepcopy(moe.shared), moe.n_experts,
+                  moe.capacity_factor, group)
+        return out.train(moe.training)
+
+    def forward(self, x, token_ids=None, task_ids=None) -> torch.Tensor:
+        """x: [batch, seq, d_model] (this rank's tokens) -> y like x. Every rank of the group must call it."""
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        r = self.router(flat, *_flat_ids(token_ids, task_ids, B, T))
+        k = r.experts.shape[1]
+        # sorted by global expert id = grouped by owning rank, since rank s owns a contiguous block of experts
+        plan = dispatch(r.experts, self.n_experts, self.capacity(B * T * k))
+        token = plan.order // k
+        weights = r.weights.reshape(-1)[plan.order]
+        xs = flat.index_select(0, token)
+
+        # 1. counts: send_counts[e] rows go to expert e; recv[s, j] rows will come from rank s for local expert j
+        send_counts = plan.kept_counts.contiguous()
+        recv = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv, send_counts, group=self.group)
+        recv = recv.view(self.ep, self.n_local)
+        input_splits = send_counts.view(self.ep, self.n_local).sum(1).tolist()
+        output_splits = recv.sum(1).tolist()
+
+        # 2. rows out; they arrive grouped by source rank, each block sorted by local expert
+        received = AllToAll.apply(xs, output_splits, input_splits, self.group)
+        local_expert = torch.arange(self.n_local, device=recv.device).repeat(self.ep).repeat_interleave(recv.flatten())
+        by_expert = torch.argsort(local_expert, stable=True)      # regroup: all of expert 0's rows, then 1, ...
+        out = self.experts(received.index_select(0, by_expert), recv.sum(0))
+        back_order = torch.empty_like(by_expert)
+        back_order[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
+        out = out.index_select(0, back_order)                       # back to [from rank 0 | from rank 1 | ...]
+
+        # 3. results home (splits swapped), aligned with xs; weight and add up as MoE does
+        out = AllToAll.apply(out, input_splits, output_splits, self.group)
+        out = out * weights[:, None].to(out.dtype)
+        y = self.shared(flat) if self.shared is not None else flat.new_zeros(B * T, d, dtype=out.dtype)
+        y = y.to(out.dtype).index_add_(0, token, out)
+        counts = plan.counts.detach()
+        self.last_tokens_per_expert, self.last_router_output, self.last_dispatch = counts, r, plan
+        self.last_shape = (B, T)
+        if self.training:
+            self.pending_load = counts if self.pending_load is None else self.pending_load + counts
+        return y.view(B, T, d)
+
+
+def parallelize_moe(model: nn.Module, group=None) -> nn.Module:
+    """Replace every MoE module of `model` (e.g. a MiniLM) by its expert-parallel version over `group`."""
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE)]
+    for parent, name, child in targets:
+        setattr(parent, name, ExpertParallelMoE.from_moe(child, group))
+    return model
+
+
+def expert_parameters(model: nn.Module) -> set[int]:
+    """ids of the sharded (routed expert) parameters of an expert-parallel model."""
+    return {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoE) for p in m.experts.parameters()}
+
+
+def sync_gradients(model: nn.Module, dp_group=None) -> None:
+    """After every rank backpropagated loss_r / world: sum replicated gradients over all ranks and expert
+    gradients over `dp_group` (the ranks that own the same experts; None when there is only one ep group)."""
+    sharded = expert_parameters(model)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if id(p) not in sharded:
+            dist.all_reduce(p.grad)
+        elif dp_group is not None:
+            dist.all_reduce(p.grad, group=dp_group)
+
+
+def plan_for(config_dict: dict, dp: int = 1, ep: int = 2) -> ParallelPlan:
+    """The dp x ep plan for a model config, validated (ValueError naming n_experts if ep does not divide it).
+    Needs no process group: call it before launching."""
+    from ..config import ModelConfig
+    cfg = ModelConfig.from_dict(dict(config_dict))
+    return ParallelPlan(dp=dp, ep=ep).validate(dp * ep, n_experts=cfg.n_experts)
+
+
+def verify(config_dict: dict, seed: int = 0) -> dict:
+    """Run inside each rank (launch.run): expert parallelism over the whole world (ep = world size) against
+    the single-process model on the full global batch. See `_verify` for what is compared."""
+    return _verify(config_dict, seed, dp=1)
+
+
+def verify_2d(config_dict: dict, seed: int = 0) -> dict:
+    """Run inside each of 4 ranks: dp 2 x ep 2 (ep groups {0,1}, {2,3}; dp groups {0,2}, {1,3})."""
+    return _verify(config_dict, seed, dp=2)
+
+
+def _groups(plan: ParallelPlan):
+    """(ep group, dp group) of this rank. Every rank creates every group, in the same order (new_group's rule)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    coords = [plan.coords(r) for r in range(world)]
+    mine = {}
+    for axis, other in (("ep", "dp"), ("dp", "ep")):
+        if getattr(plan, axis) == world:
+            mine[axis] = None                    # the whole world: the default group
+            continue
+        for value in range(getattr(plan, other)):
+            ranks = [r for r in range(world) if coords[r][other] == value]
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if rank in ranks:
+                mine[axis] = group
+    return mine["ep"], mine["dp"]
+
+
+def _verify(config_dict: dict, seed: int, dp: int) -> dict:
+    """Same-seed MiniLM on every rank and its expert-parallel copy; rank q feeds rows q*B..(q+1)*B of a fixed
+    global batch. Compares, with the single-process model on the full batch: the global loss, the gradients
+    (after `sync_gradients`), the load and bias after finish_step, the global loss after one SGD step, and the
+    all_to_all bytes of forward + backward with those the single-process routing implies."""
+    from ..config import ModelConfig
+    from ..model import MiniLM
+    from .comm import count_collectives
+    from .launch import device
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    plan = plan_for(config_dict, dp=dp, ep=world // dp)
+    cfg = ModelConfig.from_dict(dict(config_dict))
+    ep_group, dp_group = _groups(plan)
+    dev = device()
+    torch.manual_seed(seed)
+    ref = MiniLM(cfg).to(dev)
+    model = parallelize_moe(copy.deepcopy(ref), ep_group)
+    gen = torch.Generator().manual_seed(seed + 1)
+    B, T = 2, cfg.max_seq_len
+    ids = torch.randint(0, cfg.vocab_size, (B * world, T + 1), generator=gen).to(dev)
+    x_all, y_all = ids[:, :-1], ids[:, 1:]
+    rows = slice(rank * B, (rank + 1) * B)
+
+    def global_loss(m, x, y, sharded):
+        out = m(x, y)
+        loss = out.loss + out.aux_loss
+        if not sharded:
+            return loss, loss.detach().clone()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return loss, total / world
+
+    ref_loss, _ = global_loss(ref, x_all, y_all, False)
+    ref_loss.backward()
+    with count_collectives() as log:
+        loss, mean_loss = global_loss(model, x_all[rows], y_all[rows], True)
+        (loss / world).backward()
+    a2a_calls = log.count("all_to_all_single")
+    a2a_bytes = log.by_op().get("all_to_all_single", 0.0)
+    sync_gradients(model, dp_group)
+
+    # bytes this rank sends, from the single-process routing: per layer, forward rows out (its assignments to
+    # other ranks' experts) and back (other ranks' assignments to its experts), the same again as gradients,
+    # plus the counts exchange (the E - E/ep counts addressed to the other ranks)
+    row_bytes = cfg.d_model * next(model.parameters()).element_size()
+    ep_rank, n_local = plan.coords(rank)["ep"], cfg.n_experts // plan.ep
+    expected, routing_equal = 0, True
+    for ref_moe, moe in zip(ref.moe_modules(), model.moe_modules()):
+        experts = ref_moe.last_router_output.experts.view(B * world, T, -1)
+        owner = experts // n_local
+        mine = owner[rows]
+        group_rows = [q for q in range(world) if plan.coords(q)["dp"] == plan.coords(rank)["dp"] and q != rank]
+        incoming = sum(int((owner[q * B:(q + 1) * B] == ep_rank).sum()) for q in group_rows)
+        outgoing = int((mine != ep_rank).sum())
+        expected += 2 * (outgoing + incoming) * row_bytes + (cfg.n_experts - n_local) * 8
+        routing_equal &= bool(torch.equal(moe.last_router_output.experts.view(B, T, -1), experts[rows]))
+
+    sharded = expert_parameters(model)
+    ref_params = dict(ref.named_parameters())
+    err_replicated = err_experts = 0.0
+    for name, p in model.named_parameters():
+        want = ref_params[name].grad
+        if id(p) in sharded:
+            lo = ep_rank * n_local
+            err_experts = max(err_experts, float((p.grad - want[lo:lo + n_local]).abs().max()))
+        else:
+            err_replicated = max(err_replicated, float((p.grad - want).abs().max()))
+
+    lr = 0.5
+    for m in (ref, model):
+        torch.optim.SGD(m.parameters(), lr=lr).step()
+    # finish_step: the EP model all-reduces its ranks' loads (the global load); the reference already holds it
+    stats = model.finish_step()
+    gamma = cfg.bias_update_speed or 0.0
+    ref_loads = []
+    for moe in ref.moe_modules():
+        load, moe.pending_load = moe.pending_load, None
+        ref_loads.append(load)
+        if gamma and isinstance(moe.router, DeepSeekRouter):
+            moe.router.update_bias(load, gamma)
+    bias_err = max([float((a.router.bias - b.router.bias).abs().max()) for a, b in
+                    zip(model.moe_modules(), ref.moe_modules()) if isinstance(a.router, DeepSeekRouter)] or [0.0])
+    ref_vio = sum(max_violation(v) for v in ref_loads) / len(ref_loads)
+    bias_moved = max([float(m.router.bias.abs().max()) for m in model.moe_modules()
+                      if isinstance(m.router, DeepSeekRouter)] or [0.0])
+
+    with torch.no_grad():
+        ref_next, _ = global_loss(ref, x_all, y_all, False)
+        _, next_loss = global_loss(model, x_all[rows], y_all[rows], True)
+    return {
+        "rank": rank, "coords": plan.coords(rank),
+        "loss": float(mean_loss), "ref_loss": float(ref_loss.detach()),
+        "loss_err": abs(float(mean_loss - ref_loss.detach())),
+        "grad_err_replicated": err_replicated, "grad_err_experts": err_experts,
+        "next_loss": float(next_loss), "ref_next_loss": float(ref_next),
+        "next_loss_err": abs(float(next_loss - ref_next)),
+        "max_vio": stats.get("max_vio"), "ref_max_vio": ref_vio, "bias_err": bias_err, "bias_moved": bias_moved,
+        "routing_equal": routing_equal, "a2a_calls": a2a_calls, "a2a_bytes": a2a_bytes,
+        "expected_a2a_bytes": expected, "by_op": log.by_op(),
+    }
