@@ -345,15 +345,19 @@ class MoE(nn.Module):
         else:
             out = self.experts(xs, plan.kept_counts)
             out = out * weights[:, None].to(out.dtype)
-        # a token's k results add up, onto the shared experts' output when there are shared experts
-        y = self.shared(flat) if self.shared is not None else flat.new_zeros(B * T, d, dtype=out.dtype)
+        return self.combine(flat, token, out, r, plan, (B, T))
+
+    def combine(self, flat, token, out, r, plan, shape) -> torch.Tensor:
+        """Add each token's k expert results onto the shared experts' output (or zeros), and record the
+        routing statistics of this forward (its load counts towards the next bias update in training)."""
+        y = self.shared(flat) if self.shared is not None else flat.new_zeros(flat.shape, dtype=out.dtype)
         y = y.to(out.dtype).index_add_(0, token, out)
         counts = plan.counts.detach()
         self.last_tokens_per_expert, self.last_router_output, self.last_dispatch = counts, r, plan
-        self.last_shape = (B, T)
+        self.last_shape = tuple(shape)
         if self.training:
             self.pending_load = counts if self.pending_load is None else self.pending_load + counts
-        return y.view(B, T, d)
+        return y.view(*shape, flat.shape[1])
 
     def stats(self) -> dict:
         """Routing statistics of the last forward (see `routing_stats`)."""

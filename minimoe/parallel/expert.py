@@ -149,14 +149,7 @@ class ExpertParallelMoE(MoE):
         # 3. results home (splits swapped), aligned with xs; weight and add up as MoE does
         out = AllToAll.apply(out, input_splits, output_splits, self.group)
         out = out * weights[:, None].to(out.dtype)
-        y = self.shared(flat) if self.shared is not None else flat.new_zeros(B * T, d, dtype=out.dtype)
-        y = y.to(out.dtype).index_add_(0, token, out)
-        counts = plan.counts.detach()
-        self.last_tokens_per_expert, self.last_router_output, self.last_dispatch = counts, r, plan
-        self.last_shape = (B, T)
-        if self.training:
-            self.pending_load = counts if self.pending_load is None else self.pending_load + counts
-        return y.view(B, T, d)
+        return self.combine(flat, token, out, r, plan, (B, T))
 
 
 def parallelize_moe(model: nn.Module, group=None) -> nn.Module:
