@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", type=int, help="task id, for task-routed models (e.g. moe-tiny-task: 0 code, 1 prose)")
     g.add_argument("--device", default="auto")
 
+    e = sub.add_parser("eval", help="the five-axis capability suite (chapter 3) on a checkpoint or zoo model",
+                       description="Score a model on language, reasoning, code, dialogue and knowledge items held "
+                                   "out from training: 0-10 per axis with 95% intervals, and the raw metric.")
+    e.add_argument("model", help="checkpoint folder, or the name of a zoo model (see `minimoe zoo list`)")
+    e.add_argument("--n", type=_positive_int, default=200, help="items per axis")
+    e.add_argument("--k", type=_positive_int, default=4, help="candidates per item (chance = 1/k)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--axes", nargs="+", choices=["language", "reasoning", "code", "dialogue", "knowledge"])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     z = sub.add_parser("zoo", help="list, train or locate the named models the book uses",
                        description="The zoo: named recipes trained on demand and cached in $MINIMOE_CACHE.")
     zsub = z.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser, metavar="ACTION")
@@ -123,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[1, 8])
     bd.add_argument("--prompt-len", type=_positive_int, default=128)
     bd.add_argument("--new-tokens", type=_positive_int, default=128)
+    bi = bsub.add_parser("infer", help="time to first token, decode throughput and memory; the article's listing",
+                         description="Correct inference benchmark (warm-up, synchronized timing, medians and spread, "
+                                     "prefill and decode separately, peak memory) over batch sizes; --reference runs "
+                                     "the goals' reference model, --article the article's listing and its defects.")
+    bi.add_argument("--model", help="checkpoint folder or zoo model (default: the 6 x 384 reference model, random "
+                                    "weights)")
+    bi.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[1, 8])
+    bi.add_argument("--prompt-len", type=_positive_int, default=64)
+    bi.add_argument("--new-tokens", type=_positive_int, default=64)
+    bi.add_argument("--repeats", type=_positive_int, default=5)
+    bi.add_argument("--reference", action="store_true", help="the reference run and its goals (minutes on a CPU)")
+    bi.add_argument("--article", action="store_true", help="the article's listing as written, and its defects")
+    bi.add_argument("--device", default="auto")
+    bi.add_argument("--json", action="store_true", help="print JSON instead of a table")
     from .bench_moe import CONFIGS, DEFAULT_IMPLS, IMPLS
     bm = bsub.add_parser("moe", help="an MoE layer against a dense SwiGLU of equal active FLOPs and transformers",
                          description="Time one MoE layer, a dense SwiGLU doing the same active FLOPs and transformers' "
@@ -145,7 +170,8 @@ def main(argv=None) -> int:
     if args.command == "train" and args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_processes(["-m", "minimoe.cli", "--", *map(str, argv)], args.nproc)
     try:
-        return {"train": _train, "generate": _generate, "zoo": _zoo, "bench": _bench}[args.command](args)
+        return {"train": _train, "generate": _generate, "zoo": _zoo, "bench": _bench,
+                "eval": _eval}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # bad input named by the library: one line, exit 2
         print(f"minimoe {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -221,19 +247,44 @@ def _train(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
+def _load_model(name: str, device):
+    """A checkpoint folder or a zoo model (trained first if needed), on `device`."""
     from . import zoo
     from .checkpoint import load_checkpoint
+    if Path(name).is_dir():
+        return load_checkpoint(name, device=device)
+    if name in zoo.RECIPES:
+        return zoo.load(name, device=device).model
+    raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a zoo model "
+                            f"({', '.join(sorted(zoo.RECIPES))})")
+
+
+def _eval(args) -> int:
+    import dataclasses
+
+    from . import evals
+    from .device import resolve_device
+    if args.k < 2:
+        raise ValueError(f"k must be >= 2 (one answer and at least one distractor), got {args.k}")
+    model = _load_model(args.model, resolve_device(args.device)).eval()
+    axes = args.axes or list(evals.AXES)
+    results = {a: evals.evaluate_axis(model, a, n=args.n, seed=args.seed, k=args.k) for a in axes}
+    if args.json:
+        print(json.dumps({a: dataclasses.asdict(r) for a, r in results.items()}, indent=1, default=str))
+        return 0
+    print(f"{args.model}: {model.num_parameters():,} parameters, {args.n} items per axis, chance = 1/{args.k}")
+    print(f"{'axis':<11}{'score':>7}{'95% CI':>12}  {'metric':<16}{'value':>7}{'95% CI':>15}{'truncated':>11}")
+    for a, r in results.items():
+        print(f"{a:<11}{r.score:>7.1f}{f'{r.score_ci[0]:.1f}-{r.score_ci[1]:.1f}':>12}  {r.metric:<16}"
+              f"{r.value:>7.3f}{f'{r.value_ci[0]:.3f}-{r.value_ci[1]:.3f}':>15}{r.extra.get('truncated', 0):>11}")
+    return 0
+
+
+def _generate(args) -> int:
     from .device import resolve_device
     from .sample import sample_text
     device = resolve_device(args.device)
-    if Path(args.model).is_dir():
-        model = load_checkpoint(args.model, device=device)
-    elif args.model in zoo.RECIPES:
-        model = zoo.load(args.model, device=device).model
-    else:
-        raise FileNotFoundError(f"{args.model!r} is neither a checkpoint folder nor a zoo model "
-                                f"({', '.join(sorted(zoo.RECIPES))})")
+    model = _load_model(args.model, device)
     print(sample_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, task=args.task))
     return 0
@@ -254,6 +305,8 @@ def _zoo(args) -> int:
 def _bench(args) -> int:
     if args.bench_command == "moe":
         return _bench_moe(args)
+    if args.bench_command == "infer":
+        return _bench_infer(args)
     from .bench import bench_decode, bench_train
     from .config import ModelConfig
     cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, max_seq_len=256)
@@ -293,6 +346,46 @@ def _bench(args) -> int:
     for r in rows:
         print(f"{r['batch_size']:>5}{r['cached_tokens_per_s']:>14.0f}{r['uncached_tokens_per_s']:>16.0f}"
               f"{r['speedup']:>9.1f}x{str(r['same_tokens']):>13}")
+    return 0
+
+
+def _bench_infer(args) -> int:
+    import torch
+
+    from . import bench_infer
+    from .bench import BENCH_MODEL
+    from .device import resolve_device
+    from .model import MiniLM
+    device = resolve_device(args.device)
+    if args.reference:
+        result = bench_infer.reference_goals(device=device, repeats=min(args.repeats, 3))
+        print(json.dumps(result["rows"], indent=1) if args.json else bench_infer.goals_table(result))
+        return 0
+    if args.model:
+        model = _load_model(args.model, device).eval()
+    else:
+        torch.manual_seed(0)
+        model = MiniLM(BENCH_MODEL).to(device).eval()
+    out = {"rows": [bench_infer.benchmark(model, b, args.prompt_len, args.new_tokens, repeats=args.repeats)
+                    for b in args.batch_sizes]}
+    if args.article:
+        out["article"] = bench_infer.article_benchmark(model)
+        out["defects"] = bench_infer.article_defects(model)
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    print(f"{args.model or 'reference model (random weights)'}: {model.num_parameters() / 1e6:.2f}M parameters, "
+          f"greedy decoding on {out['rows'][0].get('device', device)}")
+    print(bench_infer.rows_table(out["rows"]))
+    if args.article:
+        a, d = out["article"], out["defects"]
+        pc, sr = d["prompt_counting"], d["single_run"]
+        print(f"\nthe article's listing as written: prompt {a['input_length']}, max_length {a['max_length']} -> "
+              f"{a['generated']} tokens generated, {a['throughput_tokens_per_s']:,.0f} tokens/s printed")
+        print(f"counting prompt tokens inflates throughput {pc['inflation']:.2f}x; the listing's number is "
+              f"{pc['listing_over_correct'] or float('nan'):.2f}x the correct decode throughput")
+        print(f"ten single unsynchronized runs: max/min {sr['max_over_min']:.2f}, worst "
+              f"{sr['worst_single_vs_median']:.1%} off the synchronized median")
     return 0
 
 

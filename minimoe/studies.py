@@ -79,3 +79,23 @@ def training_table(bases: dict[str, str]) -> list[dict]:
             "peak_flops": peak, "peak": source, "seeds": len(rs),
         })
     return rows
+
+
+def suite_scores(name: str, n: int = 200, seed: int = 0, k: int = 4) -> dict:
+    """minimoe.evals.evaluate_suite of the zoo model `name`, cached as JSON beside its checkpoint (a model's
+    scores depend only on its weights and the suite's settings, so the book's second build reads them)."""
+    import dataclasses
+    import json
+
+    from . import __version__
+    from .evals import AxisResult, evaluate_suite
+    entry = zoo.load(name)
+    path = entry.path / f"evals-v{__version__}-n{n}-k{k}-s{seed}.json"
+    if path.exists():
+        return {axis: AxisResult(**{**d, "score_ci": tuple(d["score_ci"]), "value_ci": tuple(d["value_ci"])})
+                for axis, d in json.loads(path.read_text()).items()}
+    results = evaluate_suite(entry.model, n=n, seed=seed, k=k)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({axis: dataclasses.asdict(r) for axis, r in results.items()}))
+    tmp.replace(path)
+    return results

@@ -147,6 +147,16 @@ _register_seeds(DENSE_VS_MOE["MoE"], MOE_MIXED, SMALL_TRAIN, "mixed",
                 "3-layer 64-wide DeepSeekMoE (16 experts, top-5, 1 shared), five-domain corpus, uniform mixture")
 
 
+# ---- chapter 3: a plain (Switch / Mixtral-style) MoE beside chapter 2's dense and DeepSeekMoE models ----
+# 8 experts of width 64, top-3, no shared expert, a softmax router with the Switch auxiliary loss: 192 units of
+# expert width per token as in the dense model; active parameters 177,856 (+0.6% for the routers).
+MOE_PLAIN = {**MOE_TINY, "router": "softmax", "n_experts": 8, "moe_d_ff": 64, "top_k": 3, "n_shared_experts": 0,
+             "aux_loss_coef": 0.01}
+EVAL_MODELS = {"dense": "mix-uniform", "MoE": "moe-plain", "DeepSeekMoE": "moe-mixed"}  # label -> recipe base
+_register_seeds(EVAL_MODELS["MoE"], MOE_PLAIN, SMALL_TRAIN, "mixed",
+                "3-layer 64-wide MoE (8 experts, top-3, softmax router, Switch aux loss), five-domain corpus")
+
+
 @dataclass
 class ZooEntry:
     name: str

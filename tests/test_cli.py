@@ -128,6 +128,11 @@ def _bad(tmp_path, text_files):
                                    "batch_tokens"),
         "unknown corpus": (["train", "--out", out, "--corpus", "web"], "web"),
         "corpus and data": (["train", "--out", out, "--data", a, b, "--corpus", "mixed", *TINY_ARGS], "--corpus"),
+        "eval unknown model": (["eval", "no-such-model"], "no-such-model"),
+        "eval bad k": (["eval", "dense-tiny", "--k", "1"], "k must be"),
+        "eval unknown axis": (["eval", "dense-tiny", "--axes", "poetry"], "poetry"),
+        "infer unknown model": (["bench", "infer", "--model", "no-such-model"], "no-such-model"),
+        "infer zero batch": (["bench", "infer", "--batch-sizes", "0"], "'0'"),
         "bench without what": (["bench"], "WHAT"),
         "bench bad precision": (["bench", "train", "--precision", "fp8"], "fp8"),
         "bench bad batch": (["bench", "decode", "--batch-sizes", "0"], "'0'"),
@@ -305,3 +310,31 @@ def test_train_a_task_routed_moe_then_generate_per_task(tmp_path, text_files, ca
     assert code == 0, err
     code, out, err = run(gen, capsys)  # a task-routed model needs a task
     assert code == 2 and "task_ids is required" in err
+
+
+# -----------------------------------------------------------------------------
+# eval and bench infer
+
+
+def test_eval_and_bench_infer_on_a_checkpoint(tmp_path, text_files, capsys):
+    a, b = text_files
+    ck = tmp_path / "ck"
+    code, _, err = run(["train", "--out", ck, "--data", a, b, *TINY_ARGS, "--steps", 2, "--eval-every", 2], capsys)
+    assert code == 0, err
+    code, out, err = run(["eval", ck, "--n", 6, "--axes", "reasoning", "knowledge", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:2] == ["axis", "score"]
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["reasoning", "knowledge"]
+    code, out, err = run(["eval", ck, "--n", 6, "--axes", "dialogue", "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    result = json.loads(out)["dialogue"]
+    assert result["n"] == 6 and 0 <= result["score"] <= 10 and result["chance"] == 0.25
+
+    code, out, err = run(["bench", "infer", "--model", ck, "--batch-sizes", 1, 2, "--prompt-len", 8,
+                          "--new-tokens", 4, "--repeats", 1, "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2] and all(r["matches_generate"] for r in rows)
+    code, out, err = run(["bench", "infer", "--model", ck, "--prompt-len", 40, "--new-tokens", 4,
+                          "--device", "cpu"], capsys)
+    assert code == 2 and "prompt_len" in err and err.count("\n") == 1   # 40 + 4 > the 32-token context

@@ -53,3 +53,22 @@ def test_training_table_uses_one_peak(study, monkeypatch):
     assert row["schedule"] == "warm-up 1 + cosine"
     mfus = [r.history["throughput"]["model_flops_per_second"] / max(peaks) for r in runs]
     assert min(mfus) <= row["mfu"] <= max(mfus) and 0 < row["mfu"] < 1
+
+
+def test_suite_scores_are_cached_beside_the_checkpoint(study, monkeypatch):
+    from minimoe import evals
+    calls = []
+
+    def fake_suite(model, n, seed, k):
+        calls.append(n)
+        return {a: evals.AxisResult(a, 1.0, (0.5, 1.5), "accuracy", 0.3, (0.2, 0.4), n, 1 / k, "test") for a in
+                evals.AXES}
+
+    monkeypatch.setattr(evals, "evaluate_suite", fake_suite)
+    first = studies.suite_scores(study, n=7)
+    again = studies.suite_scores(study, n=7)
+    assert calls == [7]                                   # the second call read the JSON
+    assert again == first and set(first) == set(evals.AXES)
+    assert list((zoo.path(study)).glob("evals-*-n7-k4-s0.json"))
+    studies.suite_scores(study, n=8)
+    assert calls == [7, 8]                                # other settings are another file
