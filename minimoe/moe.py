@@ -332,6 +332,21 @@ class MoE(nn.Module):
     def forward(self, x, token_ids=None, task_ids=None) -> torch.Tensor:
         """x: [batch, seq, d_model]; token_ids: [batch, seq]; task_ids: [batch] or [batch, seq] -> y like x."""
         B, T, d = x.shape
+        flat, r, plan, token, weights, xs = self.route(x, token_ids, task_ids)
+        if self.experts.d_ff <= d:  # fine-grained experts: scale the narrower hidden activations, not the output
+            out = self.experts(xs, plan.kept_counts, weights)    # [M, d]
+        else:
+            out = self.experts(xs, plan.kept_counts)
+            out = out * weights[:, None].to(out.dtype)
+        return self.combine(flat, token, out, r, plan, (B, T))
+
+    def route(self, x, token_ids=None, task_ids=None):
+        """Route x [batch, seq, d_model] and sort its (token, expert) assignments by expert.
+
+        Returns flat [N, d] (x as rows), the router output, the dispatch plan, and for each kept assignment in
+        expert order: the token it serves [M], its combine weight [M] and its input row xs [M, d].
+        """
+        B, T, d = x.shape
         flat = x.reshape(B * T, d)
         r = self.router(flat, *_flat_ids(token_ids, task_ids, B, T))
         k = r.experts.shape[1]
@@ -339,13 +354,7 @@ class MoE(nn.Module):
         token = plan.order // k                                   # [M] which token each kept assignment serves
         weights = r.weights.reshape(-1)[plan.order]               # [M] their combine weights
         # index_select, not flat[token]: its backward is one index_add_, not a serial accumulating index_put_
-        xs = flat.index_select(0, token)
-        if self.experts.d_ff <= d:  # fine-grained experts: scale the narrower hidden activations, not the output
-            out = self.experts(xs, plan.kept_counts, weights)    # [M, d]
-        else:
-            out = self.experts(xs, plan.kept_counts)
-            out = out * weights[:, None].to(out.dtype)
-        return self.combine(flat, token, out, r, plan, (B, T))
+        return flat, r, plan, token, weights, flat.index_select(0, token)
 
     def combine(self, flat, token, out, r, plan, shape) -> torch.Tensor:
         """Add each token's k expert results onto the shared experts' output (or zeros), and record the

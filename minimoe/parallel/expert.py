@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..moe import DeepSeekRouter, GroupedExperts, MoE, _flat_ids, dispatch, max_violation
+from ..moe import DeepSeekRouter, GroupedExperts, MoE, max_violation
 from .plan import ParallelPlan
 
 
@@ -120,14 +120,8 @@ class ExpertParallelMoE(MoE):
     def forward(self, x, token_ids=None, task_ids=None) -> torch.Tensor:
         """x: [batch, seq, d_model] (this rank's tokens) -> y like x. Every rank of the group must call it."""
         B, T, d = x.shape
-        flat = x.reshape(B * T, d)
-        r = self.router(flat, *_flat_ids(token_ids, task_ids, B, T))
-        k = r.experts.shape[1]
         # sorted by global expert id = grouped by owning rank, since rank s owns a contiguous block of experts
-        plan = dispatch(r.experts, self.n_experts, self.capacity(B * T * k))
-        token = plan.order // k
-        weights = r.weights.reshape(-1)[plan.order]
-        xs = flat.index_select(0, token)
+        flat, r, plan, token, weights, xs = self.route(x, token_ids, task_ids)
 
         # 1. counts: send_counts[e] rows go to expert e; recv[s, j] rows will come from rank s for local expert j
         send_counts = plan.kept_counts.contiguous()

@@ -328,6 +328,19 @@ def plot_timeline(timelines: list[list], ax=None, title: str | None = None):
 # ---- the check against one process --------------------------------------------------------------------------
 
 
+def _rank_setup(config_dict: dict, schedule: str, seed: int):
+    """Inside a rank: check the schedule name, build the same-seed MiniLM on this rank's device and its stage.
+    Returns (rank, n_stages, config, device, model, stage)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    rank, p = dist.get_rank(), dist.get_world_size()
+    cfg = ModelConfig.from_dict(config_dict)
+    device = launch.device()
+    torch.manual_seed(seed)
+    model = MiniLM(cfg).to(device)
+    return rank, p, cfg, device, model, PipelineStage.from_model(model, rank, p)
+
+
 def verify(config_dict: dict, n_micro: int = 4, schedule: str = "1f1b", seed: int = 0, micro_batch_size: int = 2,
            lr: float = 0.1) -> dict:
     """Run inside every rank (launch.run(verify, p, config)): the pipeline against the single-process model.
@@ -337,14 +350,7 @@ def verify(config_dict: dict, n_micro: int = 4, schedule: str = "1f1b", seed: in
     batch: the loss, this stage's parameter gradients, and the loss after one SGD step on both. It counts the
     point-to-point bytes this rank sent and the textbook's prediction for them.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-    rank, p = dist.get_rank(), dist.get_world_size()
-    cfg = ModelConfig.from_dict(config_dict)
-    device = launch.device()
-    torch.manual_seed(seed)
-    model = MiniLM(cfg).to(device)
-    stage = PipelineStage.from_model(model, rank, p)
+    rank, p, cfg, device, model, stage = _rank_setup(config_dict, schedule, seed)
     gen = torch.Generator().manual_seed(seed)
     data = torch.randint(0, cfg.vocab_size, (n_micro * micro_batch_size, cfg.max_seq_len + 1), generator=gen)
     x, y = data[:, :-1].to(device), data[:, 1:].to(device)
@@ -387,13 +393,7 @@ def measure_bubble(config_dict: dict, micro_counts=(1, 2, 4, 8), schedule: str =
     The batch per step is m x micro_batch_size sequences. Each m runs `repeats` times after one warm-up; the
     repeat with the smallest bubble is kept (a shared CPU adds idle time that is not the schedule's).
     Returns {m: bubble} and the kept timelines of every stage for each m (gathered from all ranks)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-    rank, p = dist.get_rank(), dist.get_world_size()
-    cfg = ModelConfig.from_dict(config_dict)
-    device = launch.device()
-    torch.manual_seed(seed)
-    stage = PipelineStage.from_model(MiniLM(cfg), rank, p).to(device)
+    rank, p, cfg, device, _, stage = _rank_setup(config_dict, schedule, seed)
     gen = torch.Generator().manual_seed(seed)
     bubbles, timelines = {}, {}
     for m in micro_counts:
