@@ -106,7 +106,7 @@ def test_knowledge_items_use_training_entities(items):
 
 @pytest.mark.parametrize("axis", ["language", "code"])
 def test_cloze_and_code_come_from_validation_documents(items, axis):
-    train, val = evals._stdlib_sides()
+    train, val = evals.suite._stdlib_sides()
     val_docs = {d.doc_id: d for d in val}
     train_ids = {d.doc_id for d in train}
     for it in items[axis]:
@@ -126,7 +126,7 @@ def test_cloze_and_code_come_from_validation_documents(items, axis):
 
 @pytest.mark.parametrize("axis", ["reasoning", "code", "dialogue", "knowledge"])
 def test_oracle_scores_ten(items, axis, monkeypatch):
-    monkeypatch.setattr(evals, "axis_items", lambda *a, **k: items[axis])
+    monkeypatch.setattr(evals.suite, "axis_items", lambda *a, **k: items[axis])
     r = evals.evaluate_axis(oracle(items[axis]), axis, n=N, seed=1)
     assert r.value == 1.0 and r.score == 10.0 and r.score_ci[1] == 10.0 and r.n == N
     assert r.chance == 0.25 and r.metric == "accuracy" and "1/k" in r.normalization
@@ -150,7 +150,7 @@ def test_score_items_counts_truncation():
 
 
 def test_tiny_model_suite(tiny_model, tiny_data, monkeypatch):
-    monkeypatch.setattr(evals, "_prose_validation_set", lambda: tiny_data[1])
+    monkeypatch.setattr(evals.suite, "_prose_validation_set", lambda: tiny_data[1])
     results = evals.evaluate_suite(tiny_model, n=8, seed=0)
     assert tuple(results) == AXES
     for axis, r in results.items():

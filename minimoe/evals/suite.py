@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import synthetic
-from .data import GENERATED_EXAMPLES, ByteTokenizer, _unit_hash, split_documents, stdlib_corpus
+from .. import synthetic
+from ..data import GENERATED_EXAMPLES, ByteTokenizer, _unit_hash, split_documents, stdlib_corpus
 
 AXES = ("language", "reasoning", "code", "dialogue", "knowledge")
 
@@ -58,6 +58,29 @@ BPB_STRONG = 1.0  # roughly a strong language model on English text: score 10
 CODE_MAX_LINE = 60  # longest answer line (bytes, with indentation and newline) of a code item
 CLOZE_SUFFIX = 20  # bytes of right context that follow the cloze word in every candidate
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+__all__ = [
+    "AXES",
+    "VAL_FRACTION",
+    "SPLIT_SEED",
+    "CORPUS_SEED",
+    "BPB_UNIFORM",
+    "BPB_STRONG",
+    "Z95",
+    "Item",
+    "AxisResult",
+    "wilson_interval",
+    "mc_score",
+    "bpb_score",
+    "training_facts",
+    "line_parses",
+    "axis_items",
+    "score_items",
+    "greedy_continuations",
+    "evaluate_axis",
+    "evaluate_suite",
+    "results_rows",
+]
 
 _TOK = ByteTokenizer()
 
@@ -221,7 +244,7 @@ def _train_code_triples() -> frozenset:
 
 def _prose_validation_set():
     """The validation side of the five-domain corpus (a TokenDataset); replaced by a tiny one in the tests."""
-    from .data import mixed_splits
+    from ..data import mixed_splits
     return mixed_splits()[1]
 
 
@@ -647,7 +670,7 @@ def evaluate_axis(model, axis: str, n: int = 200, seed: int = 0, k: int = 4) -> 
     result = _mc_result(axis, scored, k, extra)
     if axis != "language":
         return result
-    from .train import evaluate
+    from ..train import evaluate
     ev = evaluate(model, _prose_validation_set(), batch_size=16, seq_len=int(model.config.max_seq_len),
                   max_batches=16, domain="prose")
     b_score = bpb_score(ev["bpb"])
