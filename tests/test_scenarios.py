@@ -46,6 +46,8 @@ def test_grid_counts_prompts_past_the_context():
 
 def test_reply_latency_percentiles():
     r = scenarios.reply_latency(_model(128), n_replies=5, reply_tokens=4)
+    both = scenarios.reply_latencies({"a": _model(128), "b": _model(64)}, n_replies=3, reply_tokens=4)
+    assert set(both) == {"a", "b"} and both["b"]["prompt_bytes"] <= 60 < both["a"]["prompt_bytes"]
     assert r["n"] == 5 and 0 < r["p50_ms"] <= r["p95_ms"] and r["prompt_bytes"] <= 124
     with pytest.raises(ValueError):
         scenarios.reply_latency(_model(128), n_replies=0)

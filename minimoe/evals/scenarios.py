@@ -78,29 +78,43 @@ def retrieval_grid(model, fillers=(0, 1, 2, 3, 4), depths=(0.0, 0.5, 1.0), n: in
     return rows
 
 
-def reply_latency(model, n_replies: int = 20, reply_tokens: int = 24, fillers: int = 2, seed: int = 0,
-                  warmup: int = 2) -> dict:
+def reply_latencies(models: dict, n_replies: int = 20, reply_tokens: int = 24, fillers: int = 2, seed: int = 0,
+                    warmup: int = 2) -> dict[str, dict]:
     """Wall-clock time of each reply at batch 1: one chat prompt prefilled, then `reply_tokens` greedy tokens with
-    the KV cache; p50 / p95 over `n_replies` chats (after `warmup` untimed ones), in milliseconds."""
+    the KV cache; p50 / p95 over `n_replies` chats (after `warmup` untimed ones), in milliseconds.
+
+    models: {name: model}. The models take turns on every chat (round robin), so a burst of load from elsewhere on
+    the machine slows them all alike instead of whichever model happened to be timed at that moment."""
     if n_replies < 1 or reply_tokens < 1:
         raise ValueError("n_replies and reply_tokens must be >= 1")
     items = retrieval_items(n_replies + warmup, fillers, 0.5, seed=seed)
-    device = next(model.parameters()).device
-    room = int(model.config.max_seq_len) - reply_tokens
-    times = []
+    times = {name: [] for name in models}
     with torch.inference_mode():
         for i, it in enumerate(items):
-            x = torch.tensor([_TOK.encode(it.prompt)[-room:]], device=device)
-            synchronize(device)
-            start = time.perf_counter()
-            model.generate(x, reply_tokens, temperature=0.0)
-            synchronize(device)
-            if i >= warmup:
-                times.append(1000 * (time.perf_counter() - start))
-    q = statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else times * 19
-    return {"p50_ms": statistics.median(times), "p95_ms": q[18], "n": len(times), "reply_tokens": reply_tokens,
-            "prompt_bytes": statistics.fmean(min(len(_TOK.encode(it.prompt)), room) for it in items),
-            "device": str(device)}
+            for name, model in models.items():
+                device = next(model.parameters()).device
+                room = int(model.config.max_seq_len) - reply_tokens
+                x = torch.tensor([_TOK.encode(it.prompt)[-room:]], device=device)
+                synchronize(device)
+                start = time.perf_counter()
+                model.generate(x, reply_tokens, temperature=0.0)
+                synchronize(device)
+                if i >= warmup:
+                    times[name].append(1000 * (time.perf_counter() - start))
+    out = {}
+    for name, model in models.items():
+        t = times[name]
+        room = int(model.config.max_seq_len) - reply_tokens
+        q = statistics.quantiles(t, n=20, method="inclusive") if len(t) > 1 else t * 19
+        out[name] = {"p50_ms": statistics.median(t), "p95_ms": q[18], "n": len(t), "reply_tokens": reply_tokens,
+                     "prompt_bytes": statistics.fmean(min(len(_TOK.encode(it.prompt)), room) for it in items),
+                     "device": str(next(model.parameters()).device)}
+    return out
+
+
+def reply_latency(model, **kwargs) -> dict:
+    """reply_latencies for one model."""
+    return reply_latencies({"model": model}, **kwargs)["model"]
 
 
 @dataclass
@@ -142,9 +156,9 @@ def _pooled(successes: int, n: int) -> Measure:
     return Measure(successes / n, low, high)
 
 
-def measure_model(name: str, fillers=(0, 1, 2, 4), depths=(0.0, 1.0), n_retrieval: int = 60, n_code: int = 4,
-                  n_replies: int = 10) -> dict:
-    """Everything the matrix needs from one zoo model (one seed)."""
+def measure_model(name: str, fillers=(0, 1, 2, 4), depths=(0.0, 1.0), n_retrieval: int = 60, n_code: int = 4
+                  ) -> dict:
+    """What the matrix needs from one zoo model (one seed), except latency, which is timed for all models at once."""
     from .. import studies, zoo
     from . import codegen
     model = zoo.load(name, progress=False).model.eval()
@@ -153,12 +167,11 @@ def measure_model(name: str, fillers=(0, 1, 2, 4), depths=(0.0, 1.0), n_retrieva
     suite = studies.suite_scores(name)
     qa = [suite[a] for a in ("knowledge", "reasoning")]
     return {"name": name, "context": int(model.config.max_seq_len), "retrieval": grid,
-            "latency": reply_latency(model, n_replies=n_replies),
             "code": codegen.summarize(r["report"] for r in code_rows),
             "qa_correct": sum(round(a.value * a.n) for a in qa), "qa_n": sum(a.n for a in qa)}
 
 
-def scenario_matrix(models: dict[str, list[str]], progress: bool = True, **kwargs) -> dict:
+def scenario_matrix(models: dict[str, list[str]], progress: bool = True, n_replies: int = 10, **kwargs) -> dict:
     """Measure every seed of every model ({label: [zoo names]}), pool the seeds, and pick a best fit per scenario.
 
     Returns {"measured": {label: [per-seed dicts]}, "measures": {scenario: {label: Measure}},
@@ -169,6 +182,11 @@ def scenario_matrix(models: dict[str, list[str]], progress: bool = True, **kwarg
     measured = {label: [] for label in models}
     for label, name in tqdm(names, desc="scenario matrix", disable=not progress):
         measured[label].append(measure_model(name, **kwargs))
+    from .. import zoo
+    latency = reply_latencies({name: zoo.load(name, progress=False).model.eval() for _, name in names}, n_replies)
+    for runs in measured.values():
+        for run in runs:
+            run["latency"] = latency[run["name"]]
     measures = {s: {} for s in SCENARIOS}
     for label, runs in measured.items():
         inside = [r for run in runs for r in run["retrieval"] if r["truncated"] == 0]
