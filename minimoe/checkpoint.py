@@ -13,6 +13,7 @@ makes a truncated or edited file fail loudly on load instead of loading garbage.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,22 +34,17 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing, incomplete, corrupted or does not match the model."""
 
 
-def save_checkpoint(path: str | Path, model: MiniLM, *, optimizer=None, scheduler=None,
-                    trainer_state: dict | None = None) -> Path:
-    """Write `model` (and optionally optimizer/scheduler/trainer state) to the folder `path`, atomically."""
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a hidden sibling folder to write into; on success, add the manifest and rename it to `path`.
+
+    A crash (or an exception in the block) leaves the old folder, or none, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.config.to_json(tmp / "config.json")
-        save_model(_unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if trainer_state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        yield tmp
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -68,7 +64,21 @@ def save_checkpoint(path: str | Path, model: MiniLM, *, optimizer=None, schedule
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+
+def save_checkpoint(path: str | Path, model: MiniLM, *, optimizer=None, scheduler=None,
+                    trainer_state: dict | None = None) -> Path:
+    """Write `model` (and optionally optimizer/scheduler/trainer state) to the folder `path`, atomically."""
+    with atomic_folder(path) as tmp:
+        model.config.to_json(tmp / "config.json")
+        save_model(_unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if trainer_state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    return Path(path)
 
 
 def verify_checkpoint(path: str | Path) -> dict:

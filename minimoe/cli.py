@@ -1,4 +1,4 @@
-"""The `minimoe` command: train, generate, zoo, bench.  `minimoe SUBCOMMAND --help` for each."""
+"""The `minimoe` command: train, generate, eval, quantize, zoo, bench.  `minimoe SUBCOMMAND --help` for each."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    q = sub.add_parser("quantize", help="quantize a checkpoint or zoo model to 8- or 4-bit weights (chapter 5)",
+                       description="Write a quantized copy (packed int4/int8 codes, fp16 scales, safetensors) and "
+                                   "print its bytes per weight and compression from the saved file; --eval adds "
+                                   "held-out bits per byte before and after.")
+    q.add_argument("model", help="checkpoint folder, or the name of a zoo model (see `minimoe zoo list`)")
+    q.add_argument("--out", required=True, type=Path, help="folder to write the quantized checkpoint to")
+    q.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    grp = q.add_mutually_exclusive_group()
+    grp.add_argument("--group-size", type=_positive_int, default=128,
+                     help="input features per scale for 4-bit weights (default 128; 8-bit is per channel)")
+    grp.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    q.add_argument("--asymmetric", action="store_true", help="add an int8 zero point per group")
+    q.add_argument("--activation-quant", action="store_true", help="round inputs to int8 per token at run time")
+    q.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="round to nearest, or GPTQ (error-compensating, from calibration text)")
+    q.add_argument("--policy", choices=["uniform", "moe"], default="uniform",
+                   help="moe: experts at --bits, attention and shared experts 8-bit (routers, embeddings kept)")
+    q.add_argument("--eval", action="store_true", help="bits per byte and next-byte accuracy before and after")
+    q.add_argument("--corpus", help="built-in corpus for --eval and GPTQ calibration (default: the model's own, "
+                                    "else mixed)")
+    q.add_argument("--device", default="auto")
+
     z = sub.add_parser("zoo", help="list, train or locate the named models the book uses",
                        description="The zoo: named recipes trained on demand and cached in $MINIMOE_CACHE.")
     zsub = z.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser, metavar="ACTION")
@@ -148,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--article", action="store_true", help="the article's listing as written, and its defects")
     bi.add_argument("--device", default="auto")
     bi.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bq = bsub.add_parser("quant", help="quantized decode speed, bits per byte and bytes against the goals",
+                         description="Decode tokens/s of each quantization scheme against fp32 on the benchmark "
+                                     "model (round-robin, ratios per round), torch.ao's dynamic int8 beside them; "
+                                     "bits per byte of int8, int4 RTN and GPTQ on dense-tiny; compression from bytes.")
+    bq.add_argument("--rounds", type=_positive_int, default=5, help="rounds of the round-robin timing")
+    bq.add_argument("--prompt-len", type=_positive_int, default=64)
+    bq.add_argument("--new-tokens", type=_positive_int, default=64)
+    bq.add_argument("--d-model", type=_positive_int, default=BENCH_MODEL.d_model)
+    bq.add_argument("--n-layers", type=_positive_int, default=BENCH_MODEL.n_layers)
+    bq.add_argument("--n-heads", type=_positive_int, default=BENCH_MODEL.n_heads)
+    bq.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's own choice)")
+    bq.add_argument("--device", default="cpu")
+    bq.add_argument("--json", action="store_true", help="print JSON instead of tables")
     from .bench_moe import CONFIGS, DEFAULT_IMPLS, IMPLS
     bm = bsub.add_parser("moe", help="an MoE layer against a dense SwiGLU of equal active FLOPs and transformers",
                          description="Time one MoE layer, a dense SwiGLU doing the same active FLOPs and transformers' "
@@ -171,7 +206,7 @@ def main(argv=None) -> int:
         return launch_processes(["-m", "minimoe.cli", "--", *map(str, argv)], args.nproc)
     try:
         return {"train": _train, "generate": _generate, "zoo": _zoo, "bench": _bench,
-                "eval": _eval}[args.command](args)
+                "eval": _eval, "quantize": _quantize}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # bad input named by the library: one line, exit 2
         print(f"minimoe {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -280,6 +315,71 @@ def _eval(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from .data import corpus_splits
+    from .device import resolve_device
+    from .quant import calibration_data, moe_policy, quantize
+    from .quant.bench import compression, lm_metrics
+    from .quant.policy import _training_corpus
+    model = _load_model(args.model, resolve_device(args.device)).eval()
+    group_size = None if args.per_channel else args.group_size
+    policy = moe_policy(args.bits, group_size, activation_quant=args.activation_quant, method=args.method) \
+        if args.policy == "moe" else None
+    corpus = args.corpus or _training_corpus(model)
+    calibration = calibration_data(corpus, seq_len=min(256, model.config.max_seq_len)) \
+        if args.method == "gptq" else None
+    qmodel = quantize(model, args.bits, group_size if args.bits == 4 else None, args.activation_quant, args.method,
+                      symmetric=not args.asymmetric, policy=policy, calibration=calibration, progress=True)
+    c = compression(qmodel, folder=args.out)
+    print(f"saved {args.out}: {c['quantized_weights']:,} weights quantized, {c['bits_per_weight']:.3f} bits per "
+          f"weight -> {c['weights_vs_fp16']:.2f}x smaller than fp16 ({c['weights_vs_fp32']:.2f}x than fp32); whole "
+          f"file {c['file_bytes']:,} bytes, {c['file_vs_fp16']:.2f}x smaller than the model in fp16")
+    if args.eval:
+        _, val = corpus_splits(corpus)
+        before, after = lm_metrics(model, val), lm_metrics(qmodel, val)
+        print(f"held-out {corpus} text ({before['tokens']:,} tokens): {before['bpb']:.4f} -> {after['bpb']:.4f} "
+              f"bits per byte ({after['bpb'] / before['bpb'] - 1:+.2%}); next-byte accuracy "
+              f"{before['accuracy']:.2%} -> {after['accuracy']:.2%}")
+    return 0
+
+
+def _bench_quant(args) -> int:
+    import torch
+
+    from .bench import BENCH_MODEL
+    from .config import ModelConfig
+    from .device import device_name, resolve_device
+    from .quant.bench import goals, goals_text
+    from .report import markdown_table
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig(**{**BENCH_MODEL.to_dict(), "d_model": args.d_model, "n_layers": args.n_layers,
+                         "n_heads": args.n_heads, "n_kv_heads": None, "d_ff": None,  # derived from the new sizes
+                         "max_seq_len": max(256, args.prompt_len + args.new_tokens)})
+    result = goals(args.device, rounds=args.rounds, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                   config=cfg)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    print(f"decode at batch 1, {cfg.n_layers} layers x {cfg.d_model} wide (random weights), prompt {args.prompt_len} "
+          f"+ {args.new_tokens} new tokens, {args.rounds} round-robin rounds, "
+          f"{device_name(resolve_device(args.device))}, torch {torch.__version__}")
+    print(markdown_table(result["speed"], {"scheme": "scheme", "decode_tokens_per_s": "decode tokens/s:",
+                                           "ms_per_step": "ms per step:", "speedup": "vs fp32:",
+                                           "speedup_min": "min:", "speedup_max": "max:",
+                                           "matches_generate": "tokens = generate"},
+                         {"decode_tokens_per_s": ",.0f", "ms_per_step": ".2f", "speedup": ".2f",
+                          "speedup_min": ".2f", "speedup_max": ".2f"}))
+    print("\nquality (held-out text):")
+    print(markdown_table([{"model": name, "scheme": k, **v} for q in result["quality"].values()
+                          for name, schemes in q["models"].items() for k, v in schemes.items()],
+                         {"model": "model", "scheme": "scheme", "bpb": "bits per byte:",
+                          "accuracy": "next-byte accuracy:"}, {"bpb": ".4f", "accuracy": ".2%"}))
+    print()
+    print(goals_text(result))
+    return 0
+
+
 def _generate(args) -> int:
     from .device import resolve_device
     from .sample import sample_text
@@ -307,6 +407,8 @@ def _bench(args) -> int:
         return _bench_moe(args)
     if args.bench_command == "infer":
         return _bench_infer(args)
+    if args.bench_command == "quant":
+        return _bench_quant(args)
     from .bench import bench_decode, bench_train
     from .config import ModelConfig
     cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, max_seq_len=256)
