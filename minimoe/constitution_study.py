@@ -19,6 +19,7 @@ import torch
 
 from .constitution import STRATEGIES, Constitution, Correction, SelfCorrector, _mix, fine_tune
 
+
 # ---- measurement ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TaskItem:
@@ -89,7 +90,6 @@ def compare_paired(a: Sequence[float], b: Sequence[float], names: tuple[str, str
     verdict = "tie" if abs(diff) <= spread else f"{names[0] if diff < 0 else names[1]} lower"
     return {"mean_a": sum(a) / len(a), "mean_b": sum(b) / len(b), "diff": diff, "spread": spread,
             "verdict": verdict, "lower_in": sum(x < 0 for x in d)}
-
 
 
 # ---- studies over seeds (chapter 4), cached as JSON ------------------------------------------------------------

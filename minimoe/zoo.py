@@ -157,6 +157,27 @@ _register_seeds(EVAL_MODELS["MoE"], MOE_PLAIN, SMALL_TRAIN, "mixed",
                 "3-layer 64-wide MoE (8 experts, top-3, softmax router, Switch aux loss), five-domain corpus")
 
 
+# ---- chapter 6: dense against DeepSeekMoE at three widths, same tokens, same recipe ----
+# Width d, 3 layers, 16-wide heads; the dense SwiGLU is 3d wide, the MoE has 16 experts of width d/2, 5 routed + 1
+# shared per token (3d active), as in chapter 2's pair, which is the middle point (d = 64) and is reused.
+SCALING_WIDTHS = (32, 64, 96)
+
+
+def _scaled(d: int, moe: bool) -> dict:
+    model = {**SMALL, "d_model": d, "n_heads": d // 16, "d_ff": 3 * d}
+    return {**MOE_MIXED, **model, "moe_d_ff": d // 2} if moe else model
+
+
+SCALING = {family: {d: (DENSE_VS_MOE[family] if d == 64 else f"scale-{family.lower()}-{d}") for d in SCALING_WIDTHS}
+           for family in ("dense", "MoE")}
+for _family, _runs in SCALING.items():
+    for _d, _base in _runs.items():
+        if _d != 64:
+            _register_seeds(_base, _scaled(_d, _family == "MoE"), SMALL_TRAIN, "mixed",
+                            f"3-layer {_d}-wide {'DeepSeekMoE' if _family == 'MoE' else 'dense'} model, "
+                            "five-domain corpus, uniform mixture (scaling study)")
+
+
 @dataclass
 class ZooEntry:
     name: str
