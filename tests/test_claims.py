@@ -63,7 +63,7 @@ def test_validate_rejects_bad_verdict():
 
 
 def test_validate_rejects_verdict_without_where(tmp_path):
-    bad = _replace(ledger.CLAIMS, "D2", verdict="contradicted", ours="$1.48/hour implied")
+    bad = _replace(ledger.CLAIMS, "D2", verdict="contradicted", ours="$1.48/hour implied", where=None)
     with pytest.raises(ValueError, match="D2.*needs a `where`"):
         ledger.validate(tmp_path, bad)
 
@@ -105,3 +105,10 @@ def test_check_cli_flags_a_stale_page(tmp_path, capsys):
     page.write_text(page.read_text(encoding="utf-8") + "edited by hand\n", encoding="utf-8")
     assert ledger.main(["--check", str(page)]) == 1
     assert "stale" in capsys.readouterr().err
+
+
+def test_every_claim_has_a_verdict():
+    """The ledger is complete: no row may still say "not yet measured", and each has its notebook and reason."""
+    open_rows = [c.id for c in ledger.CLAIMS if c.verdict == ledger.NOT_YET]
+    assert not open_rows, f"claims still {ledger.NOT_YET!r}: {open_rows}"
+    assert all(c.where and c.ours and c.why for c in ledger.CLAIMS)
