@@ -6,6 +6,7 @@ written down with the milestones they rest on, so a reader can disagree with a j
 from __future__ import annotations
 
 import datetime as dt
+import textwrap
 from dataclasses import dataclass
 
 
@@ -96,23 +97,29 @@ def check() -> None:
 
 def plot_timeline(ax=None):
     """Milestones as dots on a date axis, one row per kind; the article's predictions as labelled bands."""
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(10, 4))
+        _, ax = plt.subplots(figsize=(12, 5))
+    day = mdates.date2num  # plain numbers on the x axis: text positions then need no unit conversion
     kinds = sorted({m.kind for m in MILESTONES})
     colours = {"came true": "tab:green", "came true in part": "tab:olive", "not checkable": "tab:grey",
                "not yet due": "tab:blue"}
     for p in PREDICTIONS:
-        ax.axvspan(dt.date(p.year, 1, 1), dt.date(p.year, 12, 31), color=colours[p.verdict], alpha=0.12)
-        ax.text(dt.date(p.year, 7, 1), len(kinds) - 0.3, f"{p.year}: {p.claim}\n({p.verdict})", ha="center",
-                va="top", fontsize=7, wrap=True)
-    for m in MILESTONES:
+        ax.axvspan(day(dt.date(p.year, 1, 1)), day(dt.date(p.year, 12, 31)), color=colours[p.verdict], alpha=0.12)
+        label = "\n".join(textwrap.wrap(f"{p.year}: {p.claim}", 14) + textwrap.wrap(f"({p.verdict})", 14))
+        ax.text(day(dt.date(p.year, 7, 1)), len(kinds) + 1.4, label, ha="center", va="top", fontsize=6.5)
+    for i, m in enumerate(sorted(MILESTONES, key=lambda m: m.date)):
         y = kinds.index(m.kind)
-        ax.plot(m.date, y, "o", color="k")
-        ax.annotate(m.name, (m.date, y), xytext=(0, 6), textcoords="offset points", fontsize=7, rotation=30)
+        ax.plot(day(m.date), y, "o", color="k")
+        below = i % 2 and m.date.year >= 2023  # the crowded years: alternate labels above and below the dot
+        ax.annotate(m.name, (day(m.date), y), xytext=(0, -12 if below else 6), textcoords="offset points",
+                    fontsize=7, rotation=20, ha="left")
+    ax.xaxis.set_major_locator(mdates.YearLocator())
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y"))
     ax.set_yticks(range(len(kinds)), kinds)
-    ax.set_ylim(-0.6, len(kinds) + 0.4)
+    ax.set_ylim(-0.8, len(kinds) + 1.5)
     ax.set_xlabel("date of first public release")
     ax.set_title("Public milestones (dots) and the article's predictions (bands, coloured by our verdict)")
     return ax

@@ -90,3 +90,14 @@ def test_advisor_rules():
             advisor.advise(e, **{**dict(memory_gb=24, latency_ms=20, batch_size=1, hardware="CPU"), **bad})
     rows = advisor.advice_rows(e, [dict(memory_gb=24, latency_ms=20, batch_size=1, hardware="CPU")])
     assert rows[0]["architecture"] == "dense" and rows[0]["memory_gb"] == 24
+
+
+def test_timeline_plot_draws():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    outlook.plot_timeline(ax)
+    fig.canvas.draw()  # text and dates are only converted when the figure is drawn
+    assert len(ax.texts) == len(outlook.PREDICTIONS) + len(outlook.MILESTONES)  # labels and annotations
+    plt.close(fig)
