@@ -156,12 +156,14 @@ def _pooled(successes: int, n: int) -> Measure:
     return Measure(successes / n, low, high)
 
 
-def measure_model(name: str, fillers=(0, 1, 2, 4), depths=(0.0, 1.0), n_retrieval: int = 60, n_code: int = 4
-                  ) -> dict:
-    """What the matrix needs from one zoo model (one seed), except latency, which is timed for all models at once."""
+def measure_model(name: str, fillers=(0, 1, 2, 4), depths=(0.0, 1.0), n_retrieval: int = 60, n_code: int = 4,
+                  model=None) -> dict:
+    """What the matrix needs from one zoo model (one seed), except latency, which is timed for all models at once.
+    model: the zoo model `name`, if already loaded."""
     from .. import studies, zoo
     from . import codegen
-    model = zoo.load(name, progress=False).model.eval()
+    if model is None:
+        model = zoo.load(name, progress=False).model.eval()
     grid = retrieval_grid(model, fillers, depths, n=n_retrieval)
     code_rows = codegen.evaluate_model(model, n=n_code, complexity=False)
     suite = studies.suite_scores(name)
@@ -178,12 +180,14 @@ def scenario_matrix(models: dict[str, list[str]], progress: bool = True, n_repli
     "rows": [{"scenario", "metric", <label>: "value [low, high]", "best fit"}]}.
     """
     from tqdm.auto import tqdm
+
+    from .. import zoo
     names = [(label, name) for label, group in models.items() for name in group]
+    loaded = {name: zoo.load(name, progress=False).model.eval() for _, name in names}
     measured = {label: [] for label in models}
     for label, name in tqdm(names, desc="scenario matrix", disable=not progress):
-        measured[label].append(measure_model(name, **kwargs))
-    from .. import zoo
-    latency = reply_latencies({name: zoo.load(name, progress=False).model.eval() for _, name in names}, n_replies)
+        measured[label].append(measure_model(name, model=loaded[name], **kwargs))
+    latency = reply_latencies(loaded, n_replies)
     for runs in measured.values():
         for run in runs:
             run["latency"] = latency[run["name"]]
