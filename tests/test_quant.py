@@ -434,3 +434,19 @@ def test_cli_quantize(tmp_path, capsys):
     assert e.value.code == 2
     assert main(["quantize", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "neither a checkpoint folder nor a zoo model" in capsys.readouterr().err
+
+
+def test_forward_follows_kernel_changes_and_loaded_weights():
+    """forward() plans its kernel once; switching to the reference or loading new codes must re-plan."""
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(2, 128)
+    layer = QuantLinear.from_weight(w, Scheme(4, 128))
+    fast = layer(x)
+    layer.kernel = "reference"
+    ref = layer(x)
+    assert torch.equal(ref, layer.reference_forward(x)) and not torch.equal(fast, ref)
+    other = QuantLinear.from_weight(torch.randn(64, 128), Scheme(4, 128))
+    layer.kernel = "auto"
+    layer(x)
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x), other(x))

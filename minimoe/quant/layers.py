@@ -66,8 +66,6 @@ class QuantLinear(nn.Module):
                  name: str = "linear", kernel: str = "auto"):
         super().__init__()
         g = scheme.group(in_features, name)
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.in_features, self.out_features, self.scheme, self.kernel = in_features, out_features, scheme, kernel
         self.group_size, n_groups = g, -(-in_features // g)
         width = in_features // 2 if scheme.bits == 4 else in_features
@@ -77,8 +75,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", None if scheme.symmetric else
                              torch.zeros(out_features, n_groups, dtype=torch.int8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed = {}  # device -> the kernel's own layout, rebuilt on demand (never saved)
-        self._paths = {}   # (device, more than 16 rows) -> kernel_path, decided once
+        self._runs = {}  # (device, more than 16 rows) -> forward's function, packed weights bound (never saved)
+
+    @property
+    def kernel(self) -> str:
+        """Which computation forward() may use: 'auto' (torch's packed kernel where there is one) or
+        'reference'. Setting it drops the planned functions, so the next call re-plans."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if value not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {value!r}")
+        self._kernel, self._runs = value, {}
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, scheme: Scheme, bias=None, name: str = "linear",
@@ -95,7 +104,7 @@ class QuantLinear(nn.Module):
         self.scale.copy_(qw.scale)
         if self.zero is not None:
             self.zero.copy_(qw.zero)
-        self._packed, self._paths = {}, {}
+        self._runs = {}
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes, self.scale, self.zero, self.scheme.bits, self.group_size,
@@ -106,34 +115,40 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype)
 
     def _apply(self, fn, recurse=True):
-        self._packed, self._paths = {}, {}  # moved or cast: the packed copies belong to the old device
+        self._runs = {}  # moved or cast: the packed copies belong to the old device
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._runs = {}  # new codes: the packed copies are stale
+        return super()._load_from_state_dict(*args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        path = "reference" if self.kernel == "reference" else self._path(x2)
-        if path == "reference":
-            y = self.reference_forward(x2)
-        elif path == "_int_mm":
-            y = self._w8a8(x2)
-        elif path == "_weight_int8pack_mm":
-            y = self._int8(x2)
-        else:
-            if self.scheme.activation_quant:  # W4A8: round the activations, then the 4-bit kernel
-                q, s = quantize_activations(x2)
-                x2 = (q.float() * s).to(x.dtype)
-            y = self._int4(x2)
+        x2 = x.reshape(-1, self.in_features)
+        key = (x.device, x2.shape[0] > 16)
+        run = self._runs.get(key)
+        if run is None:  # once per device and batch regime: the checks of kernel_path, and the kernel's layout
+            run = self._runs[key] = self._plan(x2)
+        y = run(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def _path(self, x2):
-        key = (x2.device, x2.shape[0] > 16)  # per call this is a dict lookup, not the checks of kernel_path
-        if key not in self._paths:
-            self._paths[key] = self.kernel_path(x2)
-        return self._paths[key]
+    def _plan(self, x2: torch.Tensor):
+        """The function forward() calls for inputs like x2, with the kernel's packed weights bound into it.
+        Decided once: at batch 1 a layer's whole kernel takes tens of microseconds, so per-call Python
+        (dictionary lookups, checks, attribute reads) is a visible share of the time."""
+        path = "reference" if self.kernel == "reference" else self.kernel_path(x2)
+        if path == "reference":
+            return self.reference_forward
+        if path == "_int_mm":
+            return functools.partial(self._w8a8, self.codes.t().contiguous())
+        if path == "_weight_int8pack_mm":
+            return functools.partial(self._int8, self.scale[:, 0].to(torch.bfloat16))
+        packed, scale_zero = self._pack_int4(x2.device)
+        mm = (torch.ops.aten._weight_int4pack_mm_for_cpu if x2.device.type == "cpu"
+              else torch.ops.aten._weight_int4pack_mm)
+        return functools.partial(self._int4, mm, packed, scale_zero)
 
     def reference_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [M, in] -> [M, out] by dequantizing (and, with activation_quant, fake-quantizing x2)."""
@@ -159,15 +174,12 @@ class QuantLinear(nn.Module):
             return "_weight_int4pack_mm_for_cpu" if dev.type == "cpu" else "_weight_int4pack_mm"
         return "reference"
 
-    def _int4(self, x2):
-        dev = x2.device
-        if dev not in self._packed:
-            self._packed[dev] = self._pack_int4(dev)
-        packed, scale_zero = self._packed[dev]
+    def _int4(self, mm, packed, scale_zero, x2):
+        if self.scheme.activation_quant:  # W4A8: round the activations, then the 4-bit kernel
+            q, s = quantize_activations(x2)
+            x2 = q.float() * s
         xb = pad_to_groups(x2.to(torch.bfloat16), self.group_size)  # a short last group: zero inputs
-        if dev.type == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, scale_zero)
-        return torch.ops.aten._weight_int4pack_mm(xb, packed, self.group_size, scale_zero)
+        return mm(xb, packed, self.group_size, scale_zero)
 
     def _pack_int4(self, dev):
         """Our (codes, scale, zero) -> the tinygemm layout: w = (u - 8) * s + m with u = q + 8, so m = -z * s."""
@@ -183,22 +195,16 @@ class QuantLinear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack((u8[:, 0::2] << 4 | u8[:, 1::2]).to(dev), 2)
         return packed, scale_zero.to(dev)
 
-    def _int8(self, x2):
-        dev = x2.device
-        if dev not in self._packed:
-            self._packed[dev] = self.scale[:, 0].to(torch.bfloat16)       # the kernel's scales: bf16 [out]
+    def _int8(self, scales_bf16, x2):
         xb = x2.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(xb, self.codes, self._packed[dev])
+        y = torch.ops.aten._weight_int8pack_mm(xb, self.codes, scales_bf16)
         if self.zero is not None:  # x (q - z)^T s = x q^T s - sum(x) (z s)
             y = y - xb.float().sum(-1, keepdim=True) * (self.zero[:, 0].float() * self.scale[:, 0].float())
         return y
 
-    def _w8a8(self, x2):
-        dev = x2.device
-        if dev not in self._packed:
-            self._packed[dev] = self.codes.t().contiguous()               # [in, out] for _int_mm
+    def _w8a8(self, codes_t, x2):  # codes_t: the codes as [in, out], _int_mm's layout
         qx, sx = quantize_activations(x2)
-        acc = torch._int_mm(qx, self._packed[dev])                        # [M, out] int32, exact
+        acc = torch._int_mm(qx, codes_t)                        # [M, out] int32, exact
         if self.zero is not None:
             acc = acc - qx.sum(-1, keepdim=True, dtype=torch.int32) * self.zero[:, 0].to(torch.int32)
         return acc.float() * sx * self.scale[:, 0].float()
