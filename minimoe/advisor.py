@@ -94,9 +94,12 @@ def _quant_evidence(name: str) -> dict[str, Fact]:
     return out
 
 
+# the measured fact behind each quantized precision's bits per weight
+BITS_FACT = {"int8": "int8 bits per weight", "int4": "int4 g32 bits per weight"}
+
+
 def _bits(e: dict[str, Fact]) -> dict[str, float]:
-    return {"fp32": 32.0, "bf16": 16.0, "int8": float(e["int8 bits per weight"].value),
-            "int4": float(e["int4 g32 bits per weight"].value)}
+    return {"fp32": 32.0, "bf16": 16.0, **{p: float(e[k].value) for p, k in BITS_FACT.items()}}
 
 
 def advise(e: dict[str, Fact], memory_gb: float, latency_ms: float, batch_size: int, hardware: str,
@@ -143,12 +146,12 @@ def advise(e: dict[str, Fact], memory_gb: float, latency_ms: float, batch_size: 
         cost = f"; measured bpb change {float(e[extra].value):+.1%}" if extra else ""
         advice.append(Advice("precision", precision, f"{stored:.1f}B stored parameters at {bits:.2f} bits = "
                              f"{gb:.1f} GB fits {HEADROOM:.0%} of {memory_gb:g} GB{cost}",
-                             [k for k in (f"{precision} bits per weight", extra) if k and k in e]
+                             [k for k in (BITS_FACT.get(precision), extra) if k and k in e]
                              or ["MoE stored / active"]))
     else:
         precision, bits = "int4", _bits(e)["int4"]
         advice.append(Advice("precision", "does not fit", f"even int4 needs {stored * bits / 8:.1f} GB; "
-                             f"the budget allows {memory_gb * HEADROOM:.1f} GB for weights", ["int4 bits per weight"]))
+                             f"the budget allows {memory_gb * HEADROOM:.1f} GB for weights", [BITS_FACT["int4"]]))
     devices = HARDWARE[hardware]
     per_device_gb = memory_gb / devices
     weights_gb = stored * bits / 8
@@ -174,9 +177,15 @@ def advice_rows(e: dict[str, Fact], settings: list[dict]) -> list[dict]:
 
 
 def advisor_widget(e: dict[str, Fact]):
-    """ipywidgets: sliders and a dropdown in, the advice and the facts behind it out."""
+    """ipywidgets: sliders and a dropdown in, the advice and the facts behind it out.
+
+    The advice is shown as HTML, not Markdown: a page saved with its widgets (the built book, read offline)
+    renders an Output widget's HTML but shows Markdown as raw text. Sources are named, not linked: a link
+    relative to the notebook would be wrong in the built book, where pages are .html files."""
+    import html
+
     import ipywidgets as w
-    from IPython.display import Markdown, display
+    from IPython.display import HTML, display
 
     memory = w.FloatLogSlider(value=24, base=2, min=0, max=10, description="memory (GB)")
     latency = w.FloatLogSlider(value=100, base=10, min=0, max=3, description="ms / token")
@@ -188,11 +197,13 @@ def advisor_widget(e: dict[str, Fact]):
     def show(*_):
         with out:
             out.clear_output()
-            lines = []
+            items = []
             for a in advise(e, memory.value, latency.value, batch.value, hardware.value, params.value):
-                lines.append(f"**{a.decision}: {a.choice}**: {a.because}")
-                lines += [f"  - {k}: {_fmt(e[k])} ([measured in]({e[k].source}))" for k in a.facts]
-            display(Markdown("\n".join(lines)))
+                facts = "".join(f"<li>{html.escape(k)}: {html.escape(_fmt(e[k]))} (measured in "
+                                f"<code>{html.escape(e[k].source)}</code>)</li>" for k in a.facts)
+                items.append(f"<p><b>{html.escape(a.decision)}: {html.escape(a.choice)}</b>: "
+                             f"{html.escape(a.because)}</p><ul>{facts}</ul>")
+            display(HTML("".join(items)))
 
     for control in (memory, latency, batch, hardware, params):
         control.observe(show, names="value")

@@ -101,3 +101,20 @@ def test_timeline_plot_draws():
     fig.canvas.draw()  # text and dates are only converted when the figure is drawn
     assert len(ax.texts) == len(outlook.PREDICTIONS) + len(outlook.MILESTONES)  # labels and annotations
     plt.close(fig)
+
+
+def test_advisor_widget_shows_html_that_follows_its_controls(monkeypatch):
+    """The advice renders as HTML (Markdown stays raw text in a saved widget) and changes with the sliders."""
+    pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    e = _evidence()
+    ui = advisor.advisor_widget(e)
+    memory = ui.children[0].children[0]
+    memory.value = 1   # too small for any precision
+    assert len(shown) == 2 and all(isinstance(x, IPython.display.HTML) for x in shown)
+    before, after = (x.data for x in shown)
+    assert "<b>" in before and "**" not in before and "<code>x.ipynb</code>" in before
+    assert "does not fit" in after and "does not fit" not in before

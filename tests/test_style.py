@@ -1,4 +1,4 @@
-"""The library, its tests and scripts follow pycodestyle (PEP 8) with 120-character lines."""
+"""The library, its tests, scripts and the book's pytest plugin follow pycodestyle (PEP 8) with 120-character lines."""
 from pathlib import Path
 
 import pycodestyle
@@ -7,7 +7,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pep8():
-    files = [str(p) for d in ("minimoe", "tests", "scripts") for p in sorted((REPO / d).rglob("*.py"))]
+    folders = ("minimoe", "tests", "tests_browser", "scripts", "book")
+    files = [str(p) for d in folders for p in sorted((REPO / d).rglob("*.py")) if ".ipynb_checkpoints" not in p.parts]
     # E203 (space before ":" in slices such as a[i : i + n]) is how slices with expressions are written here;
     # W503 and W504 contradict each other (pycodestyle ignores both by default). Violations are printed.
     style = pycodestyle.StyleGuide(max_line_length=120, ignore=["E203", "W503", "W504"])
