@@ -15,7 +15,6 @@ MINIMOE_BOOK_CACHE points it at another cache (tests/test_nbval_to_book.py uses 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -26,9 +25,6 @@ import pytest
 
 _DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "_build" / ".jupyter_cache"
 BOOK_CACHE = Path(os.environ.get("MINIMOE_BOOK_CACHE", _DEFAULT_CACHE))
-# Run in the notebook's kernel after its last cell: the kernel's language_info, which nbclient would have
-# taken from the kernel's info reply.
-_LANGUAGE_INFO = "import json as _json; print(_json.dumps(get_ipython().kernel.language_info))"
 
 
 def _enabled() -> bool:
@@ -128,22 +124,6 @@ def pytest_runtest_makereport(item, call):
                 warnings.warn(f"{recorder.path}: not handed to the book build ({type(err).__name__}: {err})")
 
 
-def _language_info(kernel, timeout: float = 120) -> dict:
-    msg_id = kernel.execute_cell_input(_LANGUAGE_INFO, allow_stdin=False)
-    kernel.await_reply(msg_id, timeout=timeout)
-    text = []
-    while True:
-        msg = kernel.get_message("iopub", timeout=timeout)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
-            text.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            raise RuntimeError(f"reading the kernel's language_info failed: {msg['content']['evalue']}")
-        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return json.loads("".join(text))
-
-
 def _store(notebook, recorder: _Recorder) -> None:
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
@@ -151,7 +131,8 @@ def _store(notebook, recorder: _Recorder) -> None:
     seconds = time.perf_counter() - recorder.start
     nb = recorder.nb
     recorder.client.set_widgets_metadata()
-    nb.metadata["language_info"] = _language_info(notebook.kernel)
+    info = notebook.kernel.kc.kernel_info(reply=True, timeout=120)  # where nbclient takes language_info from
+    nb.metadata["language_info"] = info["content"]["language_info"]
     nbformat.validate(nb)
     cache = get_cache(str(BOOK_CACHE))
     cache.cache_notebook_bundle(CacheBundleIn(nb, str(recorder.path), data={"execution_seconds": seconds}),

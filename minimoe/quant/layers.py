@@ -204,7 +204,7 @@ class QuantLinear(nn.Module):
 
     def _w8a8(self, codes_t, x2):  # codes_t: the codes as [in, out], _int_mm's layout
         qx, sx = quantize_activations(x2)
-        acc = torch._int_mm(qx, codes_t)                        # [M, out] int32, exact
+        acc = torch._int_mm(qx, codes_t)  # [M, out] int32, exact
         if self.zero is not None:
             acc = acc - qx.sum(-1, keepdim=True, dtype=torch.int32) * self.zero[:, 0].to(torch.int32)
         return acc.float() * sx * self.scale[:, 0].float()
