@@ -126,8 +126,12 @@ class ArticleDynamicMoE(nn.Module):
 def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int | None) -> torch.Tensor:
     """indices: [N, k] -> [N, k] bool: True where the assignment is among its expert's first `capacity`.
 
-    Assignments are taken in token order, then slot order (the order `minimoe.moe.dispatch` uses), so this
-    keeps exactly the assignments dispatch keeps. capacity=None keeps everything.
+    Assignments are taken in flat token order (token 0's k choices, then token 1's, ...): the literal reading
+    of the listing that `ArticleDynamicMoE._create_mask` uses. It is not the rule of `minimoe.moe.dispatch`,
+    which follows GShard and serves every token's first choice before any second choice; with k > 1 a token's
+    second choice can take a place here that dispatch gives to a later token's first choice. How many
+    assignments each expert keeps, min(load, capacity), is the same under both rules, so drop fractions agree.
+    capacity=None keeps everything.
     """
     if capacity is None:
         return torch.ones_like(indices, dtype=torch.bool)

@@ -353,8 +353,9 @@ def article_defects(model: MiniLM, batch_size: int = ARTICLE_BATCH_SIZE, prompt_
         "note": ("Ids 0-99 are the bytes NUL..'c' for a byte-level model: about a third are control characters "
                  "and the rest a random jumble, not language. A dense model's decode step costs the same for "
                  "any ids (the same matmuls over the same shapes), so the speed is unaffected; a Mixture-of-"
-                 "Experts routes by token, so its expert load (and, with a capacity, its drops) would differ "
-                 "from real text, and only real text shows what the model generates."),
+                 "Experts routes by token, so its expert load would differ from real text (generation itself is "
+                 "dropless whatever the capacity factor: capacity applies in training only), and only real text "
+                 "shows what the model generates."),
     }
     return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "prompt_counting": prompt_counting, "single_run": single_run,

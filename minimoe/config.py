@@ -14,6 +14,17 @@ from pathlib import Path
 # "mha" covers grouped-query attention too (n_kv_heads < n_heads); "mla" is DeepSeek's multi-head latent attention
 ATTENTION_KINDS = ("mha", "mla")
 ROUTER_KINDS = ("softmax", "deepseek", "hash", "task")
+# how RMSNorm rounds in bf16/fp16: "once" = normalise and scale in fp32, round once; "before_weight" = round the
+# normalised activations to the input dtype, then multiply by the weight (transformers' Llama, Mixtral, Qwen3,
+# DeepSeek-V3)
+NORM_ROUNDINGS = ("once", "before_weight")
+# the router's logits: "fp32" = an fp32 matmul of fp32 weights, autocast off (DeepSeek's inference code and
+# transformers' DeepSeek-V3); "input" = a matmul in the dtype of the router's input, autocast as usual
+# (transformers' Mixtral, Qwen3-MoE). Either way the gate weight is stored in fp32 (minimoe.moe.FP32Router)
+ROUTER_PRECISIONS = ("fp32", "input")
+# the Switch balance loss over the MoE layers: "per_layer" = the sum of each layer's loss; "all_layers" = one
+# loss of the assignments and probabilities pooled over all layers (transformers' load_balancing_loss_func)
+AUX_LOSS_POOLINGS = ("per_layer", "all_layers")
 
 
 @dataclass
@@ -29,6 +40,7 @@ class ModelConfig:
     qk_norm: bool = False                 # RMSNorm on each query and key head before rotary (Qwen3, OLMo-2)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    norm_rounding: str = "once"           # see NORM_ROUNDINGS; models from transformers use "before_weight"
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
@@ -52,8 +64,10 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0    # deepseek router: scale of the combine weights
     n_tasks: int = 1                      # task router: number of tasks (each owns n_experts // n_tasks experts)
     hash_seed: int = 0                    # hash router: seed of the fixed token -> expert table
+    router_precision: str = "fp32"        # see ROUTER_PRECISIONS; Mixtral / Qwen3-MoE from transformers: "input"
     # balancing (coefficients multiply losses added to ModelOutput.aux_loss)
     aux_loss_coef: float = 0.0            # Switch load-balancing loss
+    aux_loss_pooling: str = "per_layer"   # see AUX_LOSS_POOLINGS; Mixtral / Qwen3-MoE from transformers: "all_layers"
     z_loss_coef: float = 0.0              # router z-loss
     seq_aux_loss_coef: float = 0.0        # DeepSeek-V3 sequence-wise balance loss
     bias_update_speed: float | None = None  # deepseek router's gamma; None = 1e-3 (DeepSeek-V3), 0 = off
@@ -97,6 +111,7 @@ class ModelConfig:
             raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise ValueError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        _one_of(self, "norm_rounding", NORM_ROUNDINGS)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
@@ -131,6 +146,8 @@ class ModelConfig:
             raise ValueError(f"n_experts must be an integer >= 0 (0 = dense), got {self.n_experts!r}")
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        _one_of(self, "router_precision", ROUTER_PRECISIONS)
+        _one_of(self, "aux_loss_pooling", AUX_LOSS_POOLINGS)
         if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers <= self.n_layers:
             raise ValueError(f"first_dense_layers must be an integer in [0, n_layers={self.n_layers}], "
                              f"got {self.first_dense_layers!r}")
@@ -216,6 +233,12 @@ def _ints(*values) -> bool:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _one_of(cfg: ModelConfig, name: str, choices: tuple) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _positive_int(cfg: ModelConfig, name: str) -> None:

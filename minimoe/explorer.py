@@ -45,8 +45,9 @@ def simulate_routing(n_experts: int, top_k: int, capacity_factor: float | None, 
     Tokens: x = skew * c + noise, with c one of n_clusters random centres and noise ~ N(0, I) in d_model
     dimensions. Tokens of one cluster look alike, so a random gate sends them to the same few experts;
     skew=0 gives isotropic tokens. Each step: forward, read the loads from `moe.last_tokens_per_expert`,
-    then `router.update_bias(loads, bias_update_speed)` (0 = no balancing). Deterministic for a seed, and
-    the global torch random state is left untouched.
+    then `router.update_bias(loads, bias_update_speed)` (0 = no balancing). The layer routes in training
+    mode, the only mode in which an MoE applies its capacity (eval mode is dropless), so the drops shown are
+    those training would see. Deterministic for a seed, and the global torch random state is left untouched.
     """
     if not (isinstance(bias_update_speed, (int, float)) and bias_update_speed >= 0):
         raise ValueError(f"bias_update_speed must be a number >= 0, got {bias_update_speed!r}")
@@ -58,6 +59,7 @@ def simulate_routing(n_experts: int, top_k: int, capacity_factor: float | None, 
         torch.manual_seed(seed)
         router = DeepSeekRouter(d_model, n_experts, top_k)  # validates n_experts, top_k, d_model
         moe = MoE(d_model, 4, router, n_experts, capacity_factor=capacity_factor)  # experts' output unused
+    moe.train()  # capacity applies in training mode only: route as training does, drops included
     centres = torch.randn(n_clusters, d_model, generator=gen)
     capacity = moe.capacity(n_tokens * top_k)
 

@@ -7,16 +7,45 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight   (Zhang & Sennrich, 2019). Checked against torch.nn.RMSNorm in the tests."""
+    """x / rms(x) * weight   (Zhang & Sennrich, 2019). Checked against torch.nn.RMSNorm in the tests.
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    The mean of squares is always taken in fp32 (in bf16 it loses too much precision). In a bf16 or fp16 model
+    `rounding` says where the result meets the narrow dtype:
+        "once"           normalise and multiply by the weight in fp32, round once (the default);
+        "before_weight"  round the normalised x to the input dtype, then multiply by the weight in that dtype,
+                         as transformers' Llama / Mixtral / Qwen3 / DeepSeek-V3 RMSNorm does, so that a model
+                         converted from transformers rounds exactly like its source (ModelConfig.norm_rounding).
+    In fp32 the two are the same function (up to the last fp32 bit).
+    """
+
+    ROUNDINGS = ("once", "before_weight")
+
+    def __init__(self, dim: int, eps: float = 1e-5, rounding: str = "once"):
         super().__init__()
         self.eps = eps
+        self.rounding = rounding
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @property
+    def rounding(self) -> str:
+        return self._rounding
+
+    @rounding.setter
+    def rounding(self, value: str) -> None:
+        if value not in self.ROUNDINGS:
+            raise ValueError(f"rounding must be one of {self.ROUNDINGS}, got {value!r}")
+        self._rounding = value
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 even under bf16 autocast: the mean of squares loses too much precision in bf16
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        if self._rounding == "once":
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        # transformers' formula, op for op: the same fp32 normalisation, then two roundings
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h.to(x.dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, rounding={self._rounding!r}"
 
 
 class Rotary(nn.Module):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import attention as attention_lib
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU
-from .moe import MoE, build_moe, max_violation
+from .moe import MoE, build_moe, max_violation, pooled_balance_loss
 
 
 @dataclass
@@ -32,11 +32,11 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_rounding)
         attention = attention_lib.MultiHeadLatentAttention if cfg.attention == "mla" else \
             attention_lib.CausalSelfAttention
         self.attn = attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_rounding)
         self.mlp = build_moe(cfg) if moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, cache=None, token_ids=None, task_ids=None):
@@ -73,7 +73,10 @@ class MiniLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         moe_layers = set(config.moe_layers)
         self.blocks = nn.ModuleList(Block(config, moe=i in moe_layers) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_rounding)
+        for module in self.modules():  # the attention's own norms too (Qwen3's q/k norms, MLA's latent norms)
+            if isinstance(module, RMSNorm):
+                module.rounding = config.norm_rounding
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -97,7 +100,8 @@ class MiniLM(nn.Module):
         """input_ids: LongTensor [batch, seq]. targets (optional): [batch, seq], -100 = ignore.
 
         task_ids: [batch] (or [batch, seq]) task of each sequence, for router="task" models (optional when
-        the model has a single task). aux_loss is the weighted sum of the MoE layers' balancing losses.
+        the model has a single task). aux_loss is the weighted sum of the MoE layers' balancing losses; with
+        aux_loss_pooling="all_layers" the Switch loss is one loss pooled over all MoE layers (transformers').
         """
         if not _checked:  # generate() checks the prompt once; the tokens it adds are valid by construction
             self._check_input(input_ids, cache)
@@ -109,8 +113,15 @@ class MiniLM(nn.Module):
         aux_loss = logits.new_zeros((), dtype=torch.float32)
         cfg = self.config
         if cfg.aux_loss_coef or cfg.z_loss_coef or cfg.seq_aux_loss_coef:
-            for moe in self.moe_modules():
-                aux_loss = aux_loss + moe.balance_loss(cfg.aux_loss_coef, cfg.z_loss_coef, cfg.seq_aux_loss_coef)
+            moes = self.moe_modules()
+            pooled = cfg.aux_loss_pooling == "all_layers"
+            for moe in moes:
+                per_layer_coef = 0.0 if pooled else cfg.aux_loss_coef
+                aux_loss = aux_loss + moe.balance_loss(per_layer_coef, cfg.z_loss_coef, cfg.seq_aux_loss_coef)
+            if pooled and cfg.aux_loss_coef and moes:
+                outs = [moe.last_router_output for moe in moes]
+                aux_loss = aux_loss + cfg.aux_loss_coef * pooled_balance_loss(
+                    [r.scores for r in outs], [r.experts for r in outs], cfg.n_experts)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -182,6 +193,9 @@ class MiniLM(nn.Module):
         Each MoE layer keeps only the experts task `task` can reach (the block of n_experts // n_tasks it
         owns) and the matching rows of the gate; everything else is copied. This is what path selection
         buys at deployment: a task's model is a fraction of the whole, with no loss on that task.
+        With a capacity factor (training mode), capacity = ceil(cf * N * k / E) must keep the full model's E,
+        or each kept expert would get n_tasks times its capacity: the config records it in
+        extra["from_n_experts"], which `build_moe` divides by. The copy is in the mode (train / eval) of self.
         """
         cfg = self.config
         if not (cfg.n_experts and cfg.router == "task"):
@@ -192,14 +206,15 @@ class MiniLM(nn.Module):
         keep = torch.arange(task * block, (task + 1) * block, device=self.device)
         fields = cfg.to_dict()
         fields.update(n_experts=block, n_tasks=1, top_k=cfg.top_k,
-                      extra={**cfg.extra, "extracted_task": task, "from_n_experts": cfg.n_experts})
+                      extra={**cfg.extra, "extracted_task": task,
+                             "from_n_experts": cfg.extra.get("from_n_experts", cfg.n_experts)})
         small = MiniLM(ModelConfig.from_dict(fields)).to(device=self.device, dtype=self.embed.weight.dtype)
         state = self.state_dict()
         for name, value in state.items():
             if ".mlp.experts." in name or ".mlp.router.gate." in name:
                 state[name] = value.index_select(0, keep)
         small.load_state_dict(state)
-        return small
+        return small.train(self.training)
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -212,8 +227,10 @@ class MiniLM(nn.Module):
         temperature=0 is greedy (argmax). Otherwise sample from softmax(logits / temperature), restricted to
         the top_k most likely tokens and/or the smallest set with cumulative probability >= top_p (Holtzman
         et al., 2020). `seed` makes sampling reproducible. use_cache=False recomputes the whole sequence at
-        every step, which is what the KV cache saves. Generation stops early once every row emitted eos_id.
-        task_ids: [batch] task of each row, for task-routed models.
+        every step, which is what the KV cache saves; both compute the same logits (up to rounding) for every
+        configuration, since the model runs in eval mode, where MoE layers are dropless (a capacity factor
+        applies only in training). Generation stops early once every row emitted eos_id. task_ids: [batch]
+        task of each row, for task-routed models.
         """
         squeeze = input_ids.dim() == 1
         ids = input_ids[None] if squeeze else input_ids

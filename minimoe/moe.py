@@ -9,8 +9,10 @@ weighted results back. Each part can be swapped without touching the others:
     HashRouter          a fixed token-id -> expert table (Roller et al., 2021, "Hash Layers")
     TaskRouter          each task owns a subset of experts ("path selection", Pathways / PaLM-2 style)
 
-The balancing losses a training loop may add (Switch, router z-loss, DeepSeek-V3's sequence-wise loss)
-and `dense_reference`, the brute-force oracle the tests compare `MoE` to, live here too.
+The learned routers (`FP32Router`) decide in fp32 whatever the model's dtype and autocast. The balancing
+losses a training loop may add (Switch, per layer or pooled over all layers as transformers computes it,
+router z-loss, DeepSeek-V3's sequence-wise loss) and `dense_reference`, the brute-force oracle the tests
+compare `MoE` to, live here too.
 The parts take their settings as constructor arguments; `build_moe(cfg)` builds a layer from a ModelConfig.
 """
 from __future__ import annotations
@@ -35,7 +37,82 @@ class RouterOutput(NamedTuple):
 
 # ---- routers -------------------------------------------------------------------------------------
 
-class SoftmaxTopKRouter(nn.Module):
+ROUTER_PRECISIONS = ("fp32", "input")
+
+
+class FP32Router(nn.Module):
+    """Base of the learned routers: which experts a token gets is decided in fp32, whatever the model's dtype.
+
+    Top-k choices turn on near-ties, and bf16 keeps 8 significant bits: a bf16 gate weight or bf16 logits send
+    some tokens to other experts than fp32 would, and a bf16 correction bias of magnitude ~1 cannot move by
+    DeepSeek-V3's gamma = 1e-3 (less than half a bf16 ulp there, 2^-8), so its balancing silently stops. DeepSeek's
+    inference code (DeepSeek-V3.2-Exp, `Gate`) and transformers' DeepSeek-V3 keep the gate weight and the bias in
+    fp32 and compute F.linear(x.float(), W.float()); transformers keeps them fp32 through
+    `_keep_in_fp32_modules_strict`, but only while loading a checkpoint (its model.to(bf16) casts them). Here:
+
+      * the gate weight and the router's floating buffers (DeepSeek's bias) stay fp32 for good: `_apply`, behind
+        .to / .half / .bfloat16 / .cuda, gives them the device of the cast but never a dtype narrower than fp32
+        (casting up, as .double() does, is left alone), and a state dict of bf16 tensors is loaded into fp32
+        (also with assign=True); their gradients are fp32, so an optimizer updates them in fp32;
+      * precision="fp32" (default): logits = F.linear(x.float(), W) with autocast disabled, so bf16 training
+        under autocast routes exactly like fp32 training; gradients reach x (through the cast) and W.
+        precision="input": logits = F.linear(x, W.to(x.dtype)) with autocast left on, then made fp32: what
+        transformers' Mixtral and Qwen3-MoE compute (their gate is in the model's dtype), so that a model
+        converted from them routes exactly like its source (ModelConfig.router_precision).
+
+    A gate replaced by a quantized layer (minimoe.quant with a "router" policy) is called as it is, in the
+    precision it was built for, and only its output is made fp32.
+    """
+
+    def __init__(self, precision: str = "fp32"):
+        super().__init__()
+        if precision not in ROUTER_PRECISIONS:
+            raise ValueError(f"precision must be one of {ROUTER_PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.register_load_state_dict_post_hook(_fp32_after_load)
+
+    def _fp32_tensors(self) -> list[torch.Tensor]:
+        """The tensors kept in fp32: the gate weight (unless a quantized layer replaced the gate) and the
+        router's own floating-point buffers."""
+        gate = self._modules.get("gate")
+        kept = [gate.weight] if isinstance(gate, nn.Linear) else []
+        return kept + [b for b in self._buffers.values() if b is not None and b.is_floating_point()]
+
+    def _apply(self, fn, recurse=True):
+        kept = self._fp32_tensors()
+        kept += [t.grad for t in kept if t.grad is not None]
+
+        def keep_fp32(t):
+            out = fn(t)
+            if out.is_floating_point() and out.dtype.itemsize < 4 and any(t is k for k in kept):
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, d_model] -> router logits [N, E] in fp32 (or wider, for a float64 model)."""
+        gate = self.gate
+        if not isinstance(gate, nn.Linear):  # quantized: the layer keeps its own precision
+            return gate(x).float()
+        if self.precision == "input":
+            return F.linear(x, gate.weight.to(x.dtype)).float()
+        dtype = torch.promote_types(torch.promote_types(x.dtype, gate.weight.dtype), torch.float32)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.to(dtype), gate.weight.to(dtype))
+        return F.linear(x.to(dtype), gate.weight.to(dtype))
+
+
+def _fp32_after_load(router: FP32Router, incompatible_keys) -> None:
+    """load_state_dict(assign=True) puts the state dict's own tensors in place: make narrow ones fp32 again."""
+    with torch.no_grad():
+        for t in router._fp32_tensors():
+            if t.dtype.itemsize < 4:
+                t.data = t.data.float()
+
+
+class SoftmaxTopKRouter(FP32Router):
     """p = softmax(W x) over the E experts; keep the top-k.  Switch Transformer (k=1), GShard / Mixtral (k=2).
 
     norm_topk_prob=True renormalises the k kept probabilities to sum to 1 (Mixtral). With k=1 that makes
@@ -43,8 +120,9 @@ class SoftmaxTopKRouter(nn.Module):
     (Fedus et al., 2021) uses norm_topk_prob=False and multiplies by the raw probability.
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, norm_topk_prob: bool = True):
-        super().__init__()
+    def __init__(self, d_model: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
+                 precision: str = "fp32"):
+        super().__init__(precision)
         _check_sizes(d_model=d_model, n_experts=n_experts, top_k=top_k)
         _check_top_k(top_k, n_experts)
         self.n_experts, self.top_k, self.norm_topk_prob = n_experts, top_k, norm_topk_prob
@@ -52,7 +130,7 @@ class SoftmaxTopKRouter(nn.Module):
 
     def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
         """x: [N, d_model] -> RouterOutput (token_ids and task_ids are ignored)."""
-        logits = self.gate(x).float()  # routing decisions in fp32: bf16 ties flip top-k choices
+        logits = self._logits(x)  # routing decisions in fp32: bf16 ties flip top-k choices (see FP32Router)
         scores = logits.softmax(dim=-1)
         weights, experts = scores.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -60,7 +138,7 @@ class SoftmaxTopKRouter(nn.Module):
         return RouterOutput(weights, experts, scores, logits)
 
 
-class DeepSeekRouter(nn.Module):
+class DeepSeekRouter(FP32Router):
     """DeepSeek-V3's router (arXiv 2412.19437, section 2.1.2, eq. 12-16).
 
     s = sigmoid(W x) [N, E]. The chosen experts are the top-k of s + b, where b is a per-expert bias that
@@ -72,8 +150,8 @@ class DeepSeekRouter(nn.Module):
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
-                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True):
-        super().__init__()
+                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True, precision: str = "fp32"):
+        super().__init__(precision)
         _check_sizes(d_model=d_model, n_experts=n_experts, top_k=top_k, n_group=n_group, topk_group=topk_group)
         _check_top_k(top_k, n_experts)
         if n_experts % n_group:
@@ -90,12 +168,13 @@ class DeepSeekRouter(nn.Module):
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
         self.norm_topk_prob = norm_topk_prob
         self.gate = nn.Linear(d_model, n_experts, bias=False)
-        # a buffer, not a parameter: the optimizer must never touch it, but checkpoints must keep it
+        # a buffer, not a parameter: the optimizer must never touch it, but checkpoints must keep it. fp32 in a
+        # bf16 model too (FP32Router): update_bias's steps of gamma = 1e-3 are below half a bf16 ulp of 1
         self.register_buffer("bias", torch.zeros(n_experts))
 
     def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
         """x: [N, d_model] -> RouterOutput (token_ids and task_ids are ignored)."""
-        logits = self.gate(x).float()
+        logits = self._logits(x)
         scores = logits.sigmoid()
         biased = scores.detach() + self.bias  # choice only: no gradient flows through the selection
         if self.n_group > 1:
@@ -154,7 +233,7 @@ class HashRouter(nn.Module):
         return RouterOutput(weights, experts, scores, torch.zeros_like(scores))
 
 
-class TaskRouter(nn.Module):
+class TaskRouter(FP32Router):
     """Each task owns a fixed subset of experts; a learned softmax top-k gate chooses inside it.
 
     The "path selection" of Pathways / PaLM-2-style task-routed MoE: task t can only reach task_experts[t]
@@ -163,8 +242,8 @@ class TaskRouter(nn.Module):
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, n_tasks: int,
-                 task_experts: list[list[int]] | None = None, norm_topk_prob: bool = True):
-        super().__init__()
+                 task_experts: list[list[int]] | None = None, norm_topk_prob: bool = True, precision: str = "fp32"):
+        super().__init__(precision)
         _check_sizes(d_model=d_model, n_experts=n_experts, top_k=top_k, n_tasks=n_tasks)
         _check_top_k(top_k, n_experts)
         if task_experts is None:
@@ -190,7 +269,7 @@ class TaskRouter(nn.Module):
     def forward(self, x, token_ids=None, task_ids=None) -> RouterOutput:
         """x: [N, d_model], task_ids: [N] in [0, n_tasks) -> RouterOutput."""
         task_ids = _check_ids("task_ids", task_ids, x.shape[0], "n_tasks", self.n_tasks, "TaskRouter")
-        logits = self.gate(x).float()
+        logits = self._logits(x)
         masked = logits.masked_fill(~self.task_mask[task_ids], float("-inf"))
         scores = masked.softmax(dim=-1)
         # top-k of the masked logits, not of the probabilities: an underflowed in-subset probability
@@ -274,35 +353,48 @@ class Dispatch(NamedTuple):
 
 
 def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None) -> Dispatch:
-    """Sort the N*k assignments by expert and drop those beyond `capacity` per expert (in token order).
+    """Sort the N*k assignments by expert and drop those beyond `capacity` per expert (first choices first).
 
-    experts: [N, k]. Assignment a is token a // k, slot a % k. A stable sort keeps token order inside each
-    expert (a token never picks one expert twice), so "beyond capacity" means "came later in the batch".
+    experts: [N, k]. Assignment a is token a // k, slot a % k. Priority follows GShard (Lepikhin et al.,
+    2020, Algorithm 1) and Switch: every token's first choice, in token order, then every token's second
+    choice, and so on; so a token's second choice never takes the place of a later token's first choice.
+    The stable sort runs over the assignments listed slot by slot, which puts each expert's block in exactly
+    that priority order; its first `capacity` rows are kept.
     """
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
-    if capacity is None:
-        return Dispatch(order, counts, counts)
-    start = counts.cumsum(0) - counts                        # first sorted position of each expert
-    rank = torch.arange(order.numel(), device=order.device) - start[flat[order]]  # position inside its expert
-    return Dispatch(order[rank < capacity], counts, counts.clamp(max=capacity))
+    N, k = experts.shape
+    by_slot = experts.t().reshape(-1)                        # [k*N]: entry s*N + n is token n's choice s
+    order = torch.argsort(by_slot, stable=True)
+    counts = torch.bincount(by_slot, minlength=n_experts)
+    kept_counts = counts
+    if capacity is not None:
+        start = counts.cumsum(0) - counts                    # first sorted position of each expert
+        rank = torch.arange(order.numel(), device=order.device) - start[by_slot[order]]  # place inside it
+        order, kept_counts = order[rank < capacity], counts.clamp(max=capacity)
+    return Dispatch(order % max(N, 1) * k + order // max(N, 1), counts, kept_counts)  # s*N + n -> n*k + s
 
 
 class MoE(nn.Module):
     """y = sum over a token's k routed experts of  weight * expert(x)  (+ shared experts(x)).
 
     Shared experts (DeepSeekMoE, arXiv 2401.06066) are one SwiGLU of width n_shared_experts * d_ff that
-    every token passes through. capacity_factor=None is dropless; otherwise each expert computes at most
-    ceil(capacity_factor * N * k / E) assignments and drops the rest (GShard / Switch), which then add
-    nothing: the token still reaches the next layer through the residual connection outside this module.
+    every token passes through. capacity_factor=None is dropless; otherwise, in training mode, each expert
+    computes at most ceil(capacity_factor * N * k / E) of a forward's assignments, first choices before second
+    choices (see `dispatch`), and drops the rest (GShard / Switch), which then add nothing: the token still
+    reaches the next layer through the residual connection outside this module. In eval mode the layer is
+    dropless whatever the capacity factor, as Mixtral's and DeepSeek-V3's inference is: a token's output never
+    depends on the other tokens of its batch, so evaluation does not depend on how it is batched and decoding
+    with a KV cache (N = batch) computes what a full forward computes. Capacity is a training-time bound on
+    the work per expert. capacity_n_experts (default n_experts) is the E of that formula: a model extracted
+    from a task-routed one keeps its parent's E, so its experts drop exactly what they dropped in the parent.
 
     After a forward, `stats()` describes the routing (computed on demand, so training pays nothing for it),
     and in training mode the per-expert loads add up in `pending_load` until `finish_step` consumes them.
     """
 
+    capacity_n_experts: int | None = None  # the E of the capacity formula; None = n_experts
+
     def __init__(self, d_model: int, d_ff: int, router: nn.Module, n_experts: int, n_shared_experts: int = 0,
-                 capacity_factor: float | None = None):
+                 capacity_factor: float | None = None, capacity_n_experts: int | None = None):
         super().__init__()
         _check_sizes(d_model=d_model, d_ff=d_ff, n_experts=n_experts)
         if not isinstance(n_shared_experts, int) or isinstance(n_shared_experts, bool) or n_shared_experts < 0:
@@ -313,7 +405,10 @@ class MoE(nn.Module):
             raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
         if getattr(router, "n_experts", n_experts) != n_experts:
             raise ValueError(f"n_experts={n_experts} but the router routes to {router.n_experts} experts")
+        if capacity_n_experts is not None:
+            _check_sizes(capacity_n_experts=capacity_n_experts)
         self.n_experts, self.capacity_factor = n_experts, capacity_factor
+        self.capacity_n_experts = capacity_n_experts
         self.router = router
         self.experts = GroupedExperts(n_experts, d_model, d_ff)
         self.shared = SwiGLU(d_model, n_shared_experts * d_ff) if n_shared_experts else None
@@ -324,10 +419,13 @@ class MoE(nn.Module):
         self.pending_load: torch.Tensor | None = None            # [E] summed over training forwards
 
     def capacity(self, n_assignments: int) -> int | None:
-        """Assignments one expert may compute for a batch of n_assignments = N * k; None = dropless."""
+        """Assignments one expert may compute, in training mode, for n_assignments = N * k; None = dropless.
+
+        The formula only: `route` applies it in training mode and routes dropless in eval mode.
+        """
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * n_assignments / self.n_experts)
+        return math.ceil(self.capacity_factor * n_assignments / (self.capacity_n_experts or self.n_experts))
 
     def forward(self, x, token_ids=None, task_ids=None) -> torch.Tensor:
         """x: [batch, seq, d_model]; token_ids: [batch, seq]; task_ids: [batch] or [batch, seq] -> y like x."""
@@ -345,12 +443,13 @@ class MoE(nn.Module):
 
         Returns flat [N, d] (x as rows), the router output, the dispatch plan, and for each kept assignment in
         expert order: the token it serves [M], its combine weight [M] and its input row xs [M, d].
+        The capacity applies in training mode only; in eval mode every assignment is kept.
         """
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         r = self.router(flat, *_flat_ids(token_ids, task_ids, B, T))
         k = r.experts.shape[1]
-        plan = dispatch(r.experts, self.n_experts, self.capacity(B * T * k))
+        plan = dispatch(r.experts, self.n_experts, self.capacity(B * T * k) if self.training else None)
         token = plan.order // k                                   # [M] which token each kept assignment serves
         weights = r.weights.reshape(-1)[plan.order]               # [M] their combine weights
         # index_select, not flat[token]: its backward is one index_add_, not a serial accumulating index_put_
@@ -418,22 +517,30 @@ def max_violation(load) -> float:
 
 def build_router(cfg) -> nn.Module:
     """The router a ModelConfig names (cfg.router), sized from its MoE fields."""
+    precision = cfg.router_precision
     if cfg.router == "softmax":
-        return SoftmaxTopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, norm_topk_prob=cfg.norm_topk_prob)
+        return SoftmaxTopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, norm_topk_prob=cfg.norm_topk_prob,
+                                 precision=precision)
     if cfg.router == "deepseek":
         return DeepSeekRouter(cfg.d_model, cfg.n_experts, cfg.top_k, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                              routed_scaling_factor=cfg.routed_scaling_factor, norm_topk_prob=cfg.norm_topk_prob)
+                              routed_scaling_factor=cfg.routed_scaling_factor, norm_topk_prob=cfg.norm_topk_prob,
+                              precision=precision)
     if cfg.router == "hash":
         return HashRouter(cfg.n_experts, cfg.top_k, cfg.vocab_size, seed=cfg.hash_seed)
     if cfg.router == "task":
-        return TaskRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.n_tasks, norm_topk_prob=cfg.norm_topk_prob)
+        return TaskRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.n_tasks, norm_topk_prob=cfg.norm_topk_prob,
+                          precision=precision)
     raise ValueError(f"unknown router {cfg.router!r}")
 
 
 def build_moe(cfg) -> MoE:
-    """The MoE layer of a ModelConfig with n_experts > 0."""
+    """The MoE layer of a ModelConfig with n_experts > 0.
+
+    A config written by `MiniLM.extract_task` records its parent's expert count in extra["from_n_experts"];
+    the capacity keeps dividing by it, so the extracted model drops what the parent drops.
+    """
     return MoE(cfg.d_model, cfg.moe_d_ff, build_router(cfg), cfg.n_experts, cfg.n_shared_experts,
-               cfg.capacity_factor)
+               cfg.capacity_factor, capacity_n_experts=cfg.extra.get("from_n_experts"))
 
 
 def _flat_ids(token_ids, task_ids, B: int, T: int):
@@ -480,6 +587,27 @@ def switch_balance_loss(scores: torch.Tensor, experts: torch.Tensor, n_experts: 
     return n_experts * (f * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
 
 
+def pooled_balance_loss(scores: list[torch.Tensor], experts: list[torch.Tensor], n_experts: int) -> torch.Tensor:
+    """The Switch loss of all MoE layers at once: transformers' `load_balancing_loss_func` (Mixtral, Qwen3-MoE).
+
+    scores / experts: one [N, E] / [N, k] tensor per MoE layer. With the N*L rows of the L layers pooled,
+    f_i = (assignments to expert i) / (N L)  (summing to k, not 1) and  P_i = mean over the N*L rows of
+    scores[:, i] / sum(scores);  the loss is  E * sum_i f_i P_i  (k for perfectly uniform routing).
+    A product of pooled means, so it is neither the sum of the per-layer `switch_balance_loss`es (which a
+    model with aux_loss_pooling="per_layer" adds up, about L / k times this) nor their mean; for one layer it
+    is k times `switch_balance_loss`. transformers recomputes the top-k from softmax(logits): for a softmax
+    router that is `experts`, its actual choice. It also weights rows by an attention mask when given one;
+    minimoe has no padding mask, so every row counts.
+    """
+    if len(scores) != len(experts) or not scores:
+        raise ValueError(f"scores and experts must hold one tensor per MoE layer (at least one), got "
+                         f"{len(scores)} and {len(experts)}")
+    rows = sum(s.shape[0] for s in scores)
+    counts = sum(torch.bincount(e.reshape(-1), minlength=n_experts) for e in experts).float()
+    probs = sum((s.float() / s.float().sum(-1, keepdim=True)).sum(0) for s in scores)
+    return n_experts * ((counts / max(rows, 1)) * (probs / max(rows, 1))).sum()
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """mean over tokens of logsumexp(logits)^2   (ST-MoE, Zoph et al. 2022, eq. 5): keeps logits small."""
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
@@ -510,9 +638,11 @@ def sequence_balance_loss(scores: torch.Tensor, experts: torch.Tensor, n_experts
 def dense_reference(moe: MoE, x, token_ids=None, task_ids=None) -> torch.Tensor:
     """What `MoE.forward` must compute, by brute force: every expert on every token.
 
-    Builds the [N, E] combine matrix from the router output (0 for unchosen experts and for assignments
-    beyond capacity, counted independently of `dispatch` with a cumulative sum), then y = sum_e C[:, e] *
-    expert_e(x), plus the shared experts. O(N * E) work: for tests only.
+    Builds the [N, E] combine matrix from the router output (0 for unchosen experts and, in training mode,
+    for assignments beyond capacity), then y = sum_e C[:, e] * expert_e(x), plus the shared experts. An
+    assignment's place in its expert's queue is counted independently of `dispatch`, with one-hot sums:
+    every assignment of an earlier slot, plus the same slot's assignments of earlier tokens (GShard's
+    priority). O(N * E) work: for tests only.
     """
     B, T, d = x.shape
     N, E = B * T, moe.n_experts
@@ -520,11 +650,13 @@ def dense_reference(moe: MoE, x, token_ids=None, task_ids=None) -> torch.Tensor:
     r = moe.router(flat, *_flat_ids(token_ids, task_ids, B, T))
     k = r.experts.shape[1]
     weights = r.weights
-    capacity = moe.capacity(N * k)
+    capacity = moe.capacity(N * k) if moe.training else None
     if capacity is not None:
-        onehot = F.one_hot(r.experts.reshape(-1), E)                        # [N*k, E] in token order
-        rank = (onehot.cumsum(0) - 1).gather(1, r.experts.reshape(-1, 1))   # earlier assignments to the same expert
-        weights = weights * (rank.view(N, k) < capacity)
+        onehot = F.one_hot(r.experts, E)                                  # [N, k, E]
+        per_slot = onehot.sum(0)                                          # [k, E] each slot's load
+        ahead = (per_slot.cumsum(0) - per_slot) + (onehot.cumsum(0) - onehot)  # earlier slots + earlier tokens
+        rank = ahead.gather(2, r.experts[..., None])[..., 0]              # [N, k] place in the expert's queue
+        weights = weights * (rank < capacity)
     combine = weights.new_zeros(N, E).scatter_add(1, r.experts, weights)
     gate, up = torch.einsum("nd,edf->enf", flat, moe.experts.w_gate_up).chunk(2, dim=-1)
     every = torch.einsum("enf,efd->end", F.silu(gate) * up, moe.experts.w_down)  # [E, N, d]

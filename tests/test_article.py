@@ -45,12 +45,31 @@ def test_mask_keeps_the_first_capacity_assignments_in_token_order():
     mask = capacity_mask(idx, 3, capacity=2)
     # expert 0 is chosen by tokens 0, 1, 2, 3: only tokens 0 and 1 keep it
     assert mask.tolist() == [[True, True], [True, True], [True, False], [False, False]]
-    # the same assignments minimoe's dispatch keeps
-    plan = dispatch(idx, 3, 2)
+    assert capacity_mask(idx, 3, None).all()
+
+
+def _dispatch_kept(idx, n_experts, capacity):
+    plan = dispatch(idx, n_experts, capacity)
     kept = torch.zeros(idx.numel(), dtype=torch.bool)
     kept[plan.order] = True
-    assert torch.equal(kept.view_as(idx), mask)
-    assert capacity_mask(idx, 3, None).all()
+    return kept.view_as(idx)
+
+
+def test_mask_is_the_literal_token_order_rule_not_gshards_slot_priority():
+    # with k = 1 there is one slot, and the two rules agree
+    idx = torch.tensor([[0], [1], [0], [0], [1]])
+    assert torch.equal(capacity_mask(idx, 2, 2), _dispatch_kept(idx, 2, 2))
+    # token 0 picks (1, 0), token 1 picks (0, 2); one place per expert. In token order token 0's second
+    # choice takes expert 0's place; minimoe's dispatch (GShard) serves token 1's first choice instead.
+    idx = torch.tensor([[1, 0], [0, 2]])
+    assert capacity_mask(idx, 3, 1).tolist() == [[True, True], [False, True]]
+    assert _dispatch_kept(idx, 3, 1).tolist() == [[True, False], [True, True]]
+    # which assignments are dropped differs; how many each expert drops does not
+    torch.manual_seed(0)
+    idx = torch.rand(64, 8).argsort(-1)[:, :2]
+    for rule in (capacity_mask(idx, 8, 10), _dispatch_kept(idx, 8, 10)):
+        assert torch.equal(torch.zeros(8).index_add_(0, idx.flatten(), rule.flatten().float()),
+                           torch.bincount(idx.flatten(), minlength=8).clamp(max=10).float())
 
 
 def test_capacity_depends_on_d_model_not_on_tokens():

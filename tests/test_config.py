@@ -49,6 +49,10 @@ def test_defaults_resolve_and_round_trip(tmp_path):
     (dict(norm_eps=-1.0), "norm_eps"),
     (dict(dropout=1.0), "dropout"),
     (dict(tie_embeddings="yes"), "tie_embeddings"),
+    (dict(norm_rounding="twice"), "norm_rounding"),
+    (dict(norm_rounding=None), "norm_rounding"),
+    (dict(n_experts=4, router_precision="bf16"), "router_precision"),
+    (dict(n_experts=4, aux_loss_pooling="mean"), "aux_loss_pooling"),
 ])
 def test_invalid_fields_raise_naming_the_field(fields, name):
     with pytest.raises(ValueError, match=name):
@@ -72,3 +76,18 @@ def test_from_dict_rejects_unknown_fields_and_bad_json(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path / "bad.json")
+
+
+def test_precision_and_pooling_fields_default_and_round_trip():
+    cfg = ModelConfig(n_experts=4)
+    assert (cfg.norm_rounding, cfg.router_precision, cfg.aux_loss_pooling) == ("once", "fp32", "per_layer")
+    hf_style = ModelConfig(n_experts=4, norm_rounding="before_weight", router_precision="input",
+                           aux_loss_coef=0.01, aux_loss_pooling="all_layers")
+    d = json.loads(hf_style.to_json())
+    assert (d["norm_rounding"], d["router_precision"], d["aux_loss_pooling"]) == ("before_weight", "input",
+                                                                                  "all_layers")
+    assert ModelConfig.from_dict(hf_style.to_dict()) == hf_style
+    old = cfg.to_dict()  # a config.json written before these fields existed loads with the defaults
+    for name in ("norm_rounding", "router_precision", "aux_loss_pooling"):
+        del old[name]
+    assert ModelConfig.from_dict(old) == cfg

@@ -41,6 +41,17 @@ def test_capacity_drops_tokens_and_dropless_drops_none():
     assert free.capacity is None and np.all(free.dropped == 0) and free.kept.all()
 
 
+def test_drops_follow_gshard_priority_first_choices_first():
+    r = simulate_routing(8, 2, 0.75, 0.0, **SMALL)
+    first, second = r.assignment[:, 0], r.assignment[:, 1]
+    full = [e for e in range(8) if not r.kept[first == e, 0].all()]  # experts that turned a first choice away
+    assert full, "the capacity bites"
+    for e in full:  # ... kept no second choice, and served their first choices in token order
+        assert not r.kept[second == e, 1].any()
+        kept = r.kept[first == e, 0]
+        assert kept[:kept.sum()].all()
+
+
 def test_loads_and_assignment_agree():
     r = simulate_routing(8, 3, 1.0, 1e-2, **SMALL)
     assert np.all(r.loads.sum(1) == 512 * 3)

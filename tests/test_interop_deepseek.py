@@ -207,6 +207,10 @@ def test_norm_topk_prob_false_converts_exactly(first_dense):
     ("capacity_factor", dict(capacity_factor=1.25)),
     ("norm_eps", dict(norm_eps=1e-5)),
     ("n_group", dict(n_group=6, topk_group=2)),
+    ("router_precision", dict(router_precision="input")),
+    ("aux_loss_coef", dict(aux_loss_coef=0.01)),  # transformers' DeepSeek-V3 computes no balancing loss
+    ("z_loss_coef", dict(z_loss_coef=1e-3)),
+    ("seq_aux_loss_coef", dict(seq_aux_loss_coef=1e-4)),
 ])
 def test_unsupported_minimoe_fields_raise(field, overrides):
     model = MiniLM(native_config(**overrides))
@@ -217,3 +221,20 @@ def test_unsupported_minimoe_fields_raise(field, overrides):
 def test_other_architecture_is_refused():
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         deepseek.to_hf(MiniLM(native_config()), "LlamaForCausalLM")
+
+
+def test_bf16_conversion_keeps_the_router_fp32():
+    """Like transformers' from_pretrained with dtype=bfloat16 (`_keep_in_fp32_modules_strict`): the router's
+    gate.weight and e_score_correction_bias stay fp32 on both sides, everything else is bf16."""
+    model = from_transformers(hf_model()).to(torch.bfloat16)
+    assert model.config.norm_rounding == "before_weight" and model.config.router_precision == "fp32"
+    router = model.moe_modules()[0].router
+    assert router.gate.weight.dtype == router.bias.dtype == torch.float32
+    hf = to_transformers(model)
+    gate = hf.model.layers[1].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.weight, router.gate.weight) and torch.equal(gate.e_score_correction_bias, router.bias)
+    assert hf.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert hf.model.layers[1].mlp.shared_experts.gate_proj.weight.dtype == torch.bfloat16
+    back = from_transformers(hf)
+    assert torch.equal(back.moe_modules()[0].router.gate.weight, router.gate.weight)

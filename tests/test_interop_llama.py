@@ -187,6 +187,9 @@ def test_qk_norm_must_match_the_target():
     (dict(n_experts=4, first_dense_layers=1), "MixtralForCausalLM", "first_dense_layers"),
     (dict(n_experts=4, norm_topk_prob=False), "MixtralForCausalLM", "norm_topk_prob"),
     ({}, "MixtralForCausalLM", "n_experts"),
+    (dict(n_experts=4, aux_loss_coef=0.01), "MixtralForCausalLM", "aux_loss_pooling"),  # per-layer sum: not HF's
+    (dict(n_experts=4, z_loss_coef=1e-3), "MixtralForCausalLM", "z_loss_coef"),
+    (dict(n_experts=4, seq_aux_loss_coef=1e-2, qk_norm=True), "Qwen3MoeForCausalLM", "seq_aux_loss_coef"),
 ])
 def test_unsupported_minilm_features_raise(fields, architecture, named):
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, **fields)
@@ -232,3 +235,17 @@ def test_qwen3_moe_dense_layers():
     assert fields()[0]["first_dense_layers"] == 0
     assert "mlp_only_layers" in fields(mlp_only_layers=[2])[1][0]
     assert "decoder_sparse_step" in fields(decoder_sparse_step=2)[1][0]
+
+
+def test_converted_configs_compute_like_transformers_in_bf16():
+    """Router logits in the input's dtype (Mixtral, Qwen3-MoE), norms rounded before the weight (all), and
+    transformers' pooled balance loss with router_aux_loss_coef when output_router_logits is on."""
+    base = {**BASE, "num_local_experts": 4}
+    cfg = config_from_hf(transformers.MixtralConfig(**base, output_router_logits=True, router_aux_loss_coef=0.02),
+                         "MixtralForCausalLM")
+    assert (cfg.router_precision, cfg.norm_rounding, cfg.aux_loss_pooling, cfg.aux_loss_coef) == \
+        ("input", "before_weight", "all_layers", 0.02)
+    assert config_from_hf(transformers.MixtralConfig(**base), "MixtralForCausalLM").aux_loss_coef == 0.0
+    assert config_from_hf(transformers.LlamaConfig(**BASE), "LlamaForCausalLM").norm_rounding == "before_weight"
+    hf_cfg = config_to_hf(cfg, "MixtralForCausalLM")
+    assert hf_cfg.output_router_logits and hf_cfg.router_aux_loss_coef == 0.02

@@ -1,4 +1,6 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
 from minimoe.layers import RMSNorm, Rotary, SwiGLU
 
@@ -15,6 +17,38 @@ def test_rmsnorm_matches_torch():
         y = ours(x.bfloat16())
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref(x), atol=3e-2, rtol=3e-2)
+
+
+def test_rmsnorm_before_weight_rounds_like_transformers():
+    """In bf16, rounding="before_weight" is transformers' RMSNorm bit for bit (Llama, Mixtral, Qwen3 and
+    DeepSeek-V3 share the formula); the default rounds once, which differs in many elements."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(64, 48, generator=g) * 3).bfloat16()
+    w = (1.0 + 0.2 * torch.randn(48, generator=g)).bfloat16()
+    ours, once = RMSNorm(48, 1e-6, rounding="before_weight").bfloat16(), RMSNorm(48, 1e-6).bfloat16()
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        once.weight.copy_(w)
+        for cls in (LlamaRMSNorm, DeepseekV3RMSNorm):
+            ref = cls(48, eps=1e-6).bfloat16()
+            ref.weight.copy_(w)
+            assert torch.equal(ours(x), ref(x)), cls.__name__
+        assert torch.equal(once(x), F.rms_norm(x.float(), (48,), w.float(), 1e-6).bfloat16())
+        assert (once(x) != ref(x)).float().mean() > 0.05  # one rounding instead of two: another bf16 result
+        x32 = x.float()
+        torch.testing.assert_close(ours.float()(x32), once.float()(x32), rtol=1e-6, atol=1e-6)  # fp32: the same
+
+
+def test_rmsnorm_rounding_is_validated():
+    with pytest.raises(ValueError, match="rounding"):
+        RMSNorm(8, rounding="twice")
+    norm = RMSNorm(8)
+    with pytest.raises(ValueError, match="rounding"):
+        norm.rounding = "fp32"
+    assert norm.rounding == "once" and "rounding='once'" in repr(norm)
 
 
 def test_rotary_preserves_norm_and_encodes_relative_position():

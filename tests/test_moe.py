@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from minimoe.layers import SwiGLU
 from minimoe.moe import (DeepSeekRouter, GroupedExperts, HashRouter, MoE, RouterOutput, SoftmaxTopKRouter,
-                         TaskRouter, dense_reference, router_z_loss, sequence_balance_loss, switch_balance_loss)
+                         TaskRouter, dense_reference, pooled_balance_loss, router_z_loss, sequence_balance_loss,
+                         switch_balance_loss)
 
 VOCAB = 50
 
@@ -273,6 +274,32 @@ def test_switch_balance_loss():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+def test_pooled_balance_loss():
+    """transformers' load_balancing_loss_func: f and P pooled over the layers, f summing to k."""
+    E, N, k = 4, 8, 2
+    uniform = torch.full((N, E), 1 / E)
+    balanced = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=1)
+    assert pooled_balance_loss([uniform, uniform], [balanced, balanced], E).item() == pytest.approx(k)
+    torch.manual_seed(0)
+    logits = torch.randn(3, N, E, requires_grad=True)
+    scores = list(logits.softmax(-1).unbind(0))
+    experts = [s.detach().topk(k).indices for s in scores]
+    one = pooled_balance_loss(scores[:1], experts[:1], E)
+    assert one.item() == pytest.approx(k * switch_balance_loss(scores[0], experts[0], E).item(), rel=1e-6)
+    loss = pooled_balance_loss(scores, experts, E)
+    f = sum(torch.bincount(e.reshape(-1), minlength=E) for e in experts).float() / (3 * N)
+    p = sum(s.detach().sum(0) for s in scores) / (3 * N)
+    assert loss.item() == pytest.approx(E * float((f * p).sum()), rel=1e-6)
+    per_layer = sum(switch_balance_loss(s, e, E) for s, e in zip(scores, experts))
+    assert loss.item() != pytest.approx(per_layer.item(), rel=1e-3)  # a product of pooled means, not a sum
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="one tensor per MoE layer"):
+        pooled_balance_loss(scores, experts[:2], E)
+    with pytest.raises(ValueError, match="one tensor per MoE layer"):
+        pooled_balance_loss([], [], E)
+
+
 def test_router_z_loss_matches_formula():
     logits = torch.randn(5, 4)
     expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 5
@@ -345,6 +372,9 @@ def test_stats_max_vio_and_entropy():
     (lambda: MoE(8, 6, SoftmaxTopKRouter(8, 4, 1), 4, n_shared_experts=-1), "n_shared_experts"),
     (lambda: MoE(8, 6, SoftmaxTopKRouter(8, 4, 1), 5), "n_experts"),
     (lambda: MoE(8, 0, SoftmaxTopKRouter(8, 4, 1), 4), "d_ff"),
+    (lambda: SoftmaxTopKRouter(8, 4, 1, precision="bf16"), "precision"),
+    (lambda: DeepSeekRouter(8, 4, 1, precision=None), "precision"),
+    (lambda: TaskRouter(8, 4, 1, 2, precision="float32"), "precision"),
 ])
 def test_bad_arguments_raise_naming_the_field(build, field):
     with pytest.raises(ValueError, match=field):
@@ -365,3 +395,36 @@ def test_deepseek_router_without_normalisation_scales_raw_scores():
     r = DeepSeekRouter(8, 6, 2, routed_scaling_factor=2.5, norm_topk_prob=False)
     out = r(torch.randn(5, 8))
     torch.testing.assert_close(out.weights, 2.5 * out.scores.gather(1, out.experts))
+
+
+def test_input_precision_router_computes_logits_like_transformers_mixtral():
+    """precision="input": the logits of a bf16 input are a bf16 matmul (transformers' Mixtral / Qwen3-MoE),
+    from the fp32 gate weight cast to the input's dtype; the weight itself stays fp32."""
+    torch.manual_seed(0)
+    r = SoftmaxTopKRouter(16, 8, 2, precision="input").to(torch.bfloat16)
+    assert r.gate.weight.dtype == torch.float32
+    x = torch.randn(32, 16).bfloat16()
+    out = r(x)
+    assert torch.equal(out.logits, torch.nn.functional.linear(x, r.gate.weight.bfloat16()).float())
+    fp32 = SoftmaxTopKRouter(16, 8, 2)
+    fp32.load_state_dict(r.state_dict())
+    assert not torch.equal(fp32(x).logits, out.logits)  # the default computes in fp32
+
+
+def test_a_quantized_gate_is_left_as_it_is():
+    """minimoe.quant may replace a router's gate (policy "router"): the router calls it in its own precision and
+    leaves its tensors to the cast, exactly as the same layer outside a router."""
+    from minimoe.quant.formats import Scheme
+    from minimoe.quant.layers import QuantLinear
+
+    torch.manual_seed(0)
+    r = DeepSeekRouter(32, 8, 2)
+    alone = QuantLinear.from_weight(r.gate.weight.detach(), Scheme(8, None))
+    r.gate = QuantLinear.from_weight(r.gate.weight.detach(), Scheme(8, None))
+    r.to(torch.bfloat16)
+    alone.to(torch.bfloat16)
+    for (name, a), b in zip(r.gate.named_buffers(), alone.buffers()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert r.bias.dtype == torch.float32  # the router's own bias still stays fp32
+    x = torch.randn(16, 32).bfloat16()
+    torch.testing.assert_close(r(x).logits, alone(x).float(), rtol=0, atol=0)

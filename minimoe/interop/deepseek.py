@@ -16,6 +16,18 @@ Layout differences handled here:
     GroupedExperts stores w_gate_up [E, d, 2f] and w_down [E, f, d], the transposes ([gate | up] in both).
   * dense and shared MLPs: gate_proj and up_proj are the two halves of minimoe's fused SwiGLU.gate_up.
 
+Reduced precision. transformers keeps the router's gate.weight and e_score_correction_bias in fp32 when it
+loads a bf16 checkpoint (`_keep_in_fp32_modules_strict`) and computes the router logits as an fp32 matmul;
+minimoe's DeepSeekRouter does the same whatever the model's dtype (minimoe.moe.FP32Router), and `to_hf` of a
+bf16 MiniLM keeps those two tensors fp32, as from_pretrained would. So a bf16 model and its conversion choose
+the same experts for every token. DeepseekV3RMSNorm rounds the normalised activations to the input dtype before
+multiplying by the weight: a converted model has norm_rounding="before_weight".
+
+Balancing. transformers' DeepSeek-V3 computes no balancing loss (its router logits are only recorded) and
+never updates the correction bias: a converted model has aux_loss_coef = z_loss_coef = seq_aux_loss_coef = 0,
+and a MiniLM with any of them > 0 is refused by `to_hf`. (bias_update_speed is a setting of minimoe's training
+loop, which transformers does not have; it is not converted.)
+
 A config field that would change the computation and that the other side cannot express raises ValueError
 naming it (YaRN / rope scaling, biases, another activation, ...).
 """
@@ -55,7 +67,7 @@ def config_from_hf(hf_config) -> ModelConfig:
         vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
         n_heads=c.num_attention_heads, n_kv_heads=c.num_attention_heads, d_ff=c.intermediate_size,
         max_seq_len=c.max_position_embeddings, attention="mla", rope_theta=float(rope_theta),
-        norm_eps=float(c.rms_norm_eps), tie_embeddings=bool(c.tie_word_embeddings),
+        norm_eps=float(c.rms_norm_eps), norm_rounding="before_weight", tie_embeddings=bool(c.tie_word_embeddings),
         dropout=float(c.attention_dropout or 0.0), init_std=float(c.initializer_range),
         q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
         qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
@@ -147,6 +159,12 @@ def _check_minimoe_config(cfg: ModelConfig) -> None:
                                           "router='deepseek')")
     if cfg.capacity_factor is not None:
         unsupported("capacity_factor", cfg.capacity_factor, "(transformers' DeepSeek-V3 is dropless: None)")
+    if cfg.router_precision != "fp32":
+        unsupported("router_precision", cfg.router_precision, "(transformers' DeepSeek-V3 computes its router "
+                                                              "logits in fp32: 'fp32')")
+    for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef"):
+        if getattr(cfg, name):
+            unsupported(name, getattr(cfg, name), "(transformers' DeepSeek-V3 computes no balancing loss: 0)")
     if cfg.n_experts // cfg.n_group < 2:
         unsupported("n_group", cfg.n_group, f"(transformers scores a group by its two best experts, so each of the "
                                             f"n_group groups of n_experts={cfg.n_experts} needs at least 2)")
@@ -288,9 +306,22 @@ def to_hf(model: MiniLM, architecture: str = ARCHITECTURE):
     hf_config = config_to_hf(cfg)
     p = model.embed.weight
     hf_model = DeepseekV3ForCausalLM(hf_config).to(device=p.device, dtype=p.dtype)
+    _keep_fp32(hf_model, p.dtype)
     state = _state_to_hf(model.state_dict(), cfg, hf_config.rope_interleave)
     # with n_shared_experts=0 transformers still builds a shared-experts MLP, of width 0: nothing to copy
     state.update({name: value for name, value in hf_model.state_dict().items()
                   if name not in state and value.numel() == 0})
     hf_model.load_state_dict(state, strict=True)
     return hf_model.train(model.training)
+
+
+def _keep_fp32(hf_model, dtype: torch.dtype) -> None:
+    """In a bf16 / fp16 model, make the tensors transformers' from_pretrained keeps in fp32 fp32 again
+    (`_keep_in_fp32_modules_strict`: the routers' gate.weight and e_score_correction_bias)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return
+    keep = tuple(getattr(hf_model, "_keep_in_fp32_modules_strict", None) or ())
+    with torch.no_grad():
+        for name, t in [*hf_model.named_parameters(), *hf_model.named_buffers()]:
+            if any(f".{k}." in f".{name}." for k in keep):  # whole name components: not "gate_proj.weight"
+                t.data = t.data.float()

@@ -21,13 +21,27 @@ Both sides keep [gate | up] in that order. Routing agrees too: Mixtral takes a f
 router logits, keeps the top-k and renormalises them (minimoe's SoftmaxTopKRouter with norm_topk_prob=True);
 Qwen3-MoE does the same, renormalising only when its config says norm_topk_prob.
 
+In bf16 the rounding agrees as well. Both compute their router logits in the model's dtype (the gate weight is
+bf16, only the softmax is fp32): a converted model has router_precision="input", which computes exactly those
+logits (minimoe keeps the gate weight itself in fp32, holding the bf16 values). Their RMSNorm rounds the
+normalised activations to bf16 before multiplying by the weight: norm_rounding="before_weight". A MiniLM built
+natively (router_precision="fp32", norm_rounding="once") converts too; in fp32 it computes the same logits as
+the transformers model, in bf16 transformers rounds in its own way.
+
+Balancing: transformers' `load_balancing_loss_func` pools the router logits of all MoE layers into one Switch
+loss (minimoe.moe.pooled_balance_loss), which a converted model computes (aux_loss_pooling="all_layers", with
+aux_loss_coef = router_aux_loss_coef when output_router_logits is on, else 0), so its aux_loss is
+router_aux_loss_coef * transformers' aux_loss. The other direction needs that pooling: the sum of per-layer
+Switch losses (aux_loss_pooling="per_layer", minimoe's default) is about L / k times transformers' loss, and
+a router z-loss or DeepSeek-V3 sequence-wise loss has no counterpart, so those raise ValueError.
+
 Qwen3-MoE also normalises every query and key head with its own RMSNorm before the rotary embedding:
 ModelConfig(qk_norm=True), with blocks.i.attn.q_norm / k_norm <-> model.layers.i.self_attn.q_norm / k_norm.
 
 Fields that only matter for training and have no minimoe equivalent are ignored: pad_token_id (which only
-zeroes the padding row's gradient), output_router_logits / router_aux_loss_coef (mapped to aux_loss_coef,
-whose loss has the same form but is not guaranteed to match transformers' bit for bit). Mixtral's
-router_jitter_noise > 0, which perturbs routing in training mode, is refused.
+zeroes the padding row's gradient; transformers' balance loss also skips the rows an attention mask marks as
+padding, minimoe has no padding mask). Mixtral's router_jitter_noise > 0, which perturbs routing in training
+mode, is refused.
 """
 from __future__ import annotations
 
@@ -45,8 +59,9 @@ def from_hf(hf_model) -> MiniLM:
     """A MiniLM with the weights of `hf_model` (LlamaForCausalLM or MixtralForCausalLM) computing its logits.
 
     Raises ValueError listing every config field that changes the computation and that minimoe cannot
-    reproduce. The result is in eval mode, in the dtype of hf_model's embedding, and remembers the source
-    class in config.extra["hf_architecture"] so that `to_hf` rebuilds the same kind of model.
+    reproduce. The result is in eval mode, in the dtype of hf_model's embedding (its routers' weights stay
+    fp32, see minimoe.moe.FP32Router), and remembers the source class in config.extra["hf_architecture"] so
+    that `to_hf` rebuilds the same kind of model.
     """
     architecture = type(hf_model).__name__
     if architecture not in ARCHITECTURES:
@@ -86,7 +101,8 @@ def config_from_hf(hf_cfg, architecture: str) -> ModelConfig:
         n_kv_heads=hf_cfg.num_key_value_heads or n_heads, d_ff=hf_cfg.intermediate_size,
         max_seq_len=hf_cfg.max_position_embeddings, attention="mha", rope_theta=float(theta),
         qk_norm=architecture == "Qwen3MoeForCausalLM",
-        norm_eps=float(hf_cfg.rms_norm_eps), tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+        norm_eps=float(hf_cfg.rms_norm_eps), norm_rounding="before_weight",
+        tie_embeddings=bool(hf_cfg.tie_word_embeddings),
         dropout=float(getattr(hf_cfg, "attention_dropout", 0.0) or 0.0),
         init_std=float(getattr(hf_cfg, "initializer_range", 0.02)),
     )
@@ -144,7 +160,7 @@ def _moe_fields(hf_cfg, architecture: str, problems: list) -> dict:
     aux = float(hf_cfg.router_aux_loss_coef) if getattr(hf_cfg, "output_router_logits", False) else 0.0
     return dict(n_experts=n_experts, top_k=hf_cfg.num_experts_per_tok, moe_d_ff=moe_d_ff, router="softmax",
                 norm_topk_prob=norm_topk, first_dense_layers=first_dense, capacity_factor=None,
-                aux_loss_coef=aux)
+                router_precision="input", aux_loss_coef=aux, aux_loss_pooling="all_layers")
 
 
 def _to_minimoe_state(hf: dict, cfg: ModelConfig) -> dict:
@@ -214,6 +230,12 @@ def config_to_hf(cfg: ModelConfig, architecture: str):
             problems.append(f"capacity_factor={cfg.capacity_factor}: {architecture} is dropless")
         if cfg.n_shared_experts:
             problems.append(f"n_shared_experts={cfg.n_shared_experts}: {architecture} has no shared experts")
+        if cfg.aux_loss_coef and cfg.aux_loss_pooling != "all_layers":
+            problems.append(f"aux_loss_pooling={cfg.aux_loss_pooling!r} with aux_loss_coef={cfg.aux_loss_coef}: "
+                            f"{architecture}'s balance loss pools all layers (aux_loss_pooling='all_layers')")
+        for name in ("z_loss_coef", "seq_aux_loss_coef"):
+            if getattr(cfg, name):
+                problems.append(f"{name}={getattr(cfg, name)}: {architecture} has no such loss")
         if architecture == "MixtralForCausalLM":
             if cfg.first_dense_layers:
                 problems.append(f"first_dense_layers={cfg.first_dense_layers}: every Mixtral layer is MoE")
