@@ -285,8 +285,8 @@ def _train(args) -> int:
 def _load_model(name: str, device):
     """A checkpoint folder or a zoo model (trained first if needed), on `device`."""
     from . import zoo
-    from .checkpoint import load_checkpoint
-    if Path(name).is_dir():
+    from .checkpoint import checkpoint_folder, load_checkpoint
+    if checkpoint_folder(name).is_dir():  # also the copy a save killed between its two renames left beside it
         return load_checkpoint(name, device=device)
     if name in zoo.RECIPES:
         return zoo.load(name, device=device).model

@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import (CheckpointError, checkpoint_folder, load_checkpoint, load_training_state, restore_rng_state,
+                         save_checkpoint)
 from .config import ModelConfig
 from .device import device_name, peak_flops, resolve_device, tune_cpu_allocator
 from .model import MiniLM
@@ -257,7 +259,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
     data: (train, validation) TokenDatasets; default: the built-in corpus (minimoe.data.builtin_splits()).
     out_dir: checkpoint folder, written every `checkpoint_every` steps and at the end.
     resume: continue from the checkpoint in out_dir (same losses as an uninterrupted run: model, optimizer,
-        schedule, data-sampler RNG and torch RNG are all restored).
+        schedule, data-sampler RNG and every random generator, dropout's on the CPU or each GPU, are restored).
     stop_after: stop (and checkpoint) after this many optimizer steps, as if interrupted; for tests and demos.
     """
     cfg = train_config
@@ -283,7 +285,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
     start = 0
     out_dir = Path(out_dir) if out_dir is not None else None
     if resume:
-        if out_dir is None or not out_dir.exists():
+        if out_dir is None or not checkpoint_folder(out_dir).exists():
             raise CheckpointError(f"cannot resume: no checkpoint at {out_dir}")
         load_checkpoint(out_dir, device=accelerator.device, model=model)
         state, opt_state = load_training_state(out_dir)
@@ -294,7 +296,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
             raise CheckpointError(f"cannot resume {out_dir}: it was trained with a different TrainConfig")
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-        torch.set_rng_state(opt_state["torch_rng"])
+        missing = restore_rng_state(opt_state["rng"], accelerator.device)
+        if missing and model.config.dropout > 0:
+            warnings.warn(f"the random state of {', '.join(missing)} is not in the checkpoint {out_dir} (saved by an "
+                          "older minimoe, which kept the CPU's only, or on a machine without that device): this "
+                          "run's dropout masks, and so its losses, will not match an uninterrupted run's",
+                          stacklevel=2)
         rng.bit_generator.state = state["data_rng"]
         history, start = state["history"], state["step"]
         history.setdefault("domain_tokens", {d: 0 for d in train_ds.domains})  # checkpoints before 0.2
@@ -384,7 +391,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *, data=None, ou
     bar.close()
     count_seen()
     if history["train"]:
-        history["throughput"] = throughput(raw_model, cfg, history, accelerator.device, world)
+        # the first peak-FLOPs measurement of a process draws random matrices: not from the generators the
+        # checkpoint below saves, or a run stopped here would resume from a state the uninterrupted one never had
+        device = accelerator.device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
+                                   device_type="cuda" if device.type == "cpu" else device.type):
+            history["throughput"] = throughput(raw_model, cfg, history, device, world)
     checkpoint(end)
     return TrainResult(model=raw_model, history=history, checkpoint=out_dir)
 

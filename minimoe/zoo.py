@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckpointError, load_checkpoint, load_training_state, verify_checkpoint
+from .checkpoint import (CheckpointError, load_checkpoint, load_training_state, restore_rng_state, rng_state,
+                         verify_checkpoint)
 from .config import ModelConfig
 from .data import CORPORA, corpus_splits
 from .train import TrainConfig, train
@@ -234,7 +235,13 @@ def _train(name: str, folder: Path, progress: bool) -> None:
     tc = r.train_config(device="auto")
     # an interrupted earlier training of the same recipe resumes where its last checkpoint stopped
     resume = 0 < _trained_steps(folder) < tc.steps
-    train(r.model_config(), tc, data=corpus_splits(r.corpus), out_dir=folder, resume=resume, progress=progress)
+    # train() seeds torch, and a resume sets every generator to its checkpoint's: give the caller's random state
+    # back, so that what a notebook draws after zoo.load does not depend on whether the cache was warm
+    caller = rng_state()
+    try:
+        train(r.model_config(), tc, data=corpus_splits(r.corpus), out_dir=folder, resume=resume, progress=progress)
+    finally:
+        restore_rng_state(caller)
 
 
 def _trained_steps(folder: Path) -> int:

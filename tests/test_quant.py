@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from test_checkpoint import crash_sweep, which
 
 from minimoe import MiniLM, ModelConfig
 from minimoe.checkpoint import MANIFEST, CheckpointError, _sha256, save_checkpoint
@@ -349,6 +350,37 @@ def _rewrite_manifest(path: Path) -> None:
     files = sorted(p.name for p in path.iterdir() if p.name != MANIFEST)
     (path / MANIFEST).write_text(json.dumps({n: {"bytes": (path / n).stat().st_size, "sha256": _sha256(path / n)}
                                              for n in files}))
+
+
+def test_a_quantized_save_killed_at_any_point_leaves_the_old_or_the_new(tmp_path):
+    """save_quantized writes through minimoe.checkpoint's atomic_folder, so it has its guarantee: after a crash
+    at any filesystem operation of an overwrite, load_quantized gives the old checkpoint or the new one."""
+    old = quantize(trained_like(dense(), seed=0), 4, group_size=32)
+    new = quantize(trained_like(dense(), seed=1), 4, group_size=32)
+    runs = crash_sweep(lambda k: save_quantized(old, tmp_path / str(k) / "q"), lambda p: save_quantized(new, p),
+                       lambda p: which(load_quantized(p), old=old, new=new))
+    outcomes = [got for _, got, _ in runs]
+    assert len(runs) > 10 and outcomes[0] == "old" and outcomes[-1] == "new"
+    assert None not in outcomes
+    assert outcomes == sorted(outcomes, key=["old", "new"].index)  # never nothing, never back to the old
+
+
+def test_quantize_and_load_leave_the_callers_random_state_alone(tmp_path):
+    """quantize() and load_quantized() build a fresh MiniLM, whose random init must not shift what the caller's
+    next torch.rand (or dropout mask) would have been."""
+    model, moe_model = trained_like(dense()), trained_like(moe())
+    calibration = torch.randint(0, 256, (8, 32))
+    path = save_quantized(quantize(model, 4, group_size=32), tmp_path / "q")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    expected = torch.rand(4)
+    torch.set_rng_state(before)
+    quantize(model, 8)
+    quantize(model, 4, group_size=32, method="gptq", calibration=calibration)
+    quantize(moe_model, 4, policy=moe_policy(group_size=32, method="gptq"), calibration=calibration)
+    load_quantized(path)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_checkpoint_whose_packed_tensors_do_not_match_its_config(tmp_path):

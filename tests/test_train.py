@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_checkpoint import as_old_checkpoint
 
+import minimoe.device as device_lib
+import minimoe.train as train_lib
 from minimoe.checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from minimoe.data import ByteTokenizer, TokenDataset
 from minimoe.model import MiniLM
@@ -126,6 +131,59 @@ def test_resume_after_a_crash_from_periodic_checkpoint(tmp_path, tiny_config, ti
     assert _losses(resumed) == _losses(full)
     assert resumed.history["eval"] == full.history["eval"]
     assert torch.equal(resumed.model.embed.weight, full.model.embed.weight)
+
+
+# -----------------------------------------------------------------------------
+# exact resume with dropout: every random generator the loop draws from is restored
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ON_DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+def test_resume_with_dropout_is_exact(tmp_path, tiny_config, tiny_data, tiny_train_config, monkeypatch, device):
+    """Dropout draws from the training device's torch generator. A resumed run must continue that stream:
+    not replay step 1's masks (train() reseeds every device at its start, and a checkpoint that holds only the
+    CPU's state leaves a GPU's reseeded), and not continue from a state something else drew from after the
+    last step (the first MFU measurement of a process draws its random matrices)."""
+    cfg = dataclasses.replace(tiny_config, dropout=0.2)
+    tc = dataclasses.replace(tiny_train_config, device=device, eval_every=2)
+    full = train(cfg, tc, data=tiny_data, progress=False)
+    assert _losses(full) != _losses(train(tiny_config, tc, data=tiny_data, progress=False))  # the masks matter
+
+    real_peak = device_lib.matmul_peak
+    monkeypatch.setattr(device_lib, "matmul_peak", lambda dtype, dev, sizes, repeats: real_peak(dtype, dev, (64,), 1))
+    monkeypatch.setattr(device_lib, "_PEAK_CACHE", {})  # as in a fresh process: the peak is measured at the end
+    run = tmp_path / "run"
+    train(cfg, tc, data=tiny_data, out_dir=run, stop_after=3, progress=False)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # what the caller does in between is no matter
+    resumed = train(cfg, tc, data=tiny_data, out_dir=run, resume=True, progress=False)
+
+    assert _losses(resumed) == _losses(full)  # bit-identical
+    assert resumed.history["eval"] == full.history["eval"]
+    for name, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], v), name
+
+
+def test_resume_from_a_checkpoint_without_every_generator(tmp_path, tiny_config, tiny_data, tiny_train_config,
+                                                          monkeypatch):
+    """A checkpoint written before minimoe saved every generator holds torch's CPU state only. It still resumes:
+    exactly on a CPU, silently; on a device whose generator it lacks, with a warning that says why the losses
+    will not match an uninterrupted run's."""
+    cfg = dataclasses.replace(tiny_config, dropout=0.2)
+    full = train(cfg, tiny_train_config, data=tiny_data, progress=False)
+    for run in (tmp_path / "a", tmp_path / "b"):
+        train(cfg, tiny_train_config, data=tiny_data, out_dir=run, stop_after=3, progress=False)
+        as_old_checkpoint(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = train(cfg, tiny_train_config, data=tiny_data, out_dir=tmp_path / "a", resume=True, progress=False)
+    assert _losses(resumed) == _losses(full)
+
+    real = train_lib.restore_rng_state  # as if this run were on a GPU: the checkpoint has no CUDA state for it
+    monkeypatch.setattr(train_lib, "restore_rng_state", lambda state, device: real(state, torch.device("cuda", 0)))
+    with pytest.warns(UserWarning, match=r"cuda:0.*not in the checkpoint.*dropout.*will not match"):
+        train(cfg, tiny_train_config, data=tiny_data, out_dir=tmp_path / "b", resume=True, progress=False)
 
 
 def test_resume_without_checkpoint(tmp_path, tiny_config, tiny_data, tiny_train_config):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +174,21 @@ def test_interrupted_training_is_resumed(recipe, tiny_data, train_calls):
     full = train(r.model_config(), r.train_config(device="auto"), data=tiny_data, progress=False)
     assert [e["loss"] for e in entry.history["train"]] == [e["loss"] for e in full.history["train"]]
     assert torch.equal(entry.model.embed.weight, full.model.embed.weight)
+
+
+def test_load_leaves_the_callers_random_state_alone(recipe, tiny_data):
+    """Whether zoo.load resumes an interrupted training, trains from scratch or reads the cache, the caller's
+    random streams (torch's, Python's, NumPy's) are as they were: a notebook's later cells must not depend on
+    the state of the cache."""
+    resumed, fresh = recipe(), recipe("test-tiny-2", seed=1)
+    train(resumed.model_config(), resumed.train_config(device="auto"), data=tiny_data, out_dir=zoo.path(resumed.name),
+          stop_after=2, progress=False)
+    for name in (resumed.name, fresh.name, fresh.name):
+        torch.manual_seed(5), random.seed(5), np.random.seed(5)
+        zoo.load(name, progress=False)
+        draws = torch.rand(2), random.random(), np.random.rand()
+        torch.manual_seed(5), random.seed(5), np.random.seed(5)
+        assert torch.equal(draws[0], torch.rand(2)) and draws[1:] == (random.random(), np.random.rand()), name
 
 
 def test_corrupted_cache_is_retrained(recipe, train_calls):

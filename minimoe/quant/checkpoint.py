@@ -5,6 +5,8 @@ A folder like minimoe.checkpoint's, plus one file:
     quantization.json    every quantized layer: its name, kind ("linear" or "experts"), sizes and Scheme
     model.safetensors    the state dict: quantized layers' `codes` / `scale` / `zero`, everything else as is
     manifest.json        size and SHA-256 of every other file, written last (checked on load)
+It is written by minimoe.checkpoint's atomic_folder, and so has its guarantee: after a crash at any point of a save,
+load_quantized(path) loads the old checkpoint or the new one.
 Loading rebuilds the model from config.json and quantization.json, then checks every tensor of the file
 against the shape and dtype the config implies before loading a byte: a file whose packed tensors do not match
 its config is refused with a ValueError naming the tensor. `stored_bytes` reads the bytes each tensor occupies
@@ -20,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-from ..checkpoint import CheckpointError, atomic_folder, load_config, verify_checkpoint
+from ..checkpoint import CheckpointError, atomic_folder, checkpoint_folder, fresh_model, load_config, verify_checkpoint
 from ..model import MiniLM
 from .formats import Scheme
 from .layers import KERNELS, QuantExperts, QuantLinear
@@ -50,7 +52,7 @@ def _scheme_dict(s: Scheme) -> dict:
 
 
 def save_quantized(model: MiniLM, path: str | Path) -> Path:
-    """Write a quantized MiniLM to the folder `path`, atomically (a crash leaves the old folder or the new)."""
+    """Write a quantized MiniLM to the folder `path`; a crash at any point leaves the old checkpoint or the new."""
     if not is_quantized(model):
         raise ValueError("save_quantized needs a quantized model (minimoe.quant.quantize); use "
                          "minimoe.checkpoint.save_checkpoint for a full-precision one")
@@ -65,7 +67,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", kernel:
     """The quantized MiniLM saved at `path` (CheckpointError, a ValueError, for anything that does not match)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    path = Path(path)
+    path = checkpoint_folder(path)  # `path`, or the copy a save killed between its two renames left beside it
     manifest = verify_checkpoint(path)
     if QUANT_FILE not in manifest:
         raise CheckpointError(f"{path} is not a quantized checkpoint (no {QUANT_FILE}); load it with "
@@ -73,7 +75,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", kernel:
     info = json.loads((path / QUANT_FILE).read_text())
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{path / QUANT_FILE}: unknown format {info.get('format')!r} (expected {FORMAT})")
-    model = MiniLM(load_config(path))
+    model = fresh_model(load_config(path))  # its random init leaves the caller's random state alone
     for name, layer in info["layers"].items():
         _set_module(model, name, _build_layer(model, name, layer, kernel))
     _check_tensors(model, path / "model.safetensors")

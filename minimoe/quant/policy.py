@@ -164,11 +164,13 @@ class Quantizer:
 
 def fresh_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of the model's weights and buffers, without what its last forward left behind (an MoE
-    layer keeps its last routing, which may hold autograd history that copy.deepcopy refuses to copy)."""
+    layer keeps its last routing, which may hold autograd history that copy.deepcopy refuses to copy).
+    Building it leaves the caller's random state alone (checkpoint.fresh_model)."""
+    from ..checkpoint import fresh_model
     from ..model import MiniLM
     if isinstance(model, MiniLM):
         p = model.embed.weight
-        new = MiniLM(model.config).to(device=p.device, dtype=p.dtype)
+        new = fresh_model(model.config).to(device=p.device, dtype=p.dtype)
         new.load_state_dict(model.state_dict())
         return new.eval()
     return copy.deepcopy(model).eval()
