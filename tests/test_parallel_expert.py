@@ -1,4 +1,5 @@
-"""Expert parallelism against the single-process MoE: two launches (2 and 4 processes) hold every check."""
+"""Expert parallelism against the single-process MoE: two launches (2 and 4 processes) hold every check.
+The 4-process one trains dp 2 x ep 2 for three steps with its groups taken from the plan's device mesh."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ from minimoe.config import ModelConfig
 from minimoe.moe import build_moe
 from minimoe.parallel import expert, launch
 from minimoe.parallel.comm import count_collectives
+from minimoe.parallel.plan import ParallelPlan
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=16, n_experts=4, top_k=2, moe_d_ff=16,
             n_shared_experts=1, router="softmax", first_dense_layers=0)
@@ -51,13 +53,19 @@ def _same_input_check(config: dict) -> dict:
     }
 
 
-def _two_ranks() -> dict:
+def _refusal(f) -> str | None:
     try:
-        expert.ExpertParallelMoE.from_moe(build_moe(ModelConfig.from_dict(dict(TINY, n_experts=3))))
-        bad = None
+        f()
     except ValueError as e:
-        bad = str(e)
+        return str(e)
+    return None
+
+
+def _two_ranks() -> dict:
+    bad = _refusal(lambda: expert.ExpertParallelMoE.from_moe(build_moe(ModelConfig.from_dict(dict(TINY, n_experts=3)))))
+    tp_mesh = ParallelPlan(tp=2).mesh()
     return {
+        "tp_refused": _refusal(lambda: expert.parallelize_moe(build_moe(ModelConfig.from_dict(TINY)), tp_mesh)),
         "a2a": _all_to_all_check(),
         "same_input": {name: _same_input_check(c) for name, c in (
             ("softmax", TINY), ("capacity", dict(TINY, capacity_factor=0.75)), ("deepseek", DEEPSEEK))},
@@ -73,7 +81,7 @@ def two():
 
 @pytest.fixture(scope="module")
 def four():
-    return launch.run(expert.verify_2d, 4, ModelConfig(**DEEPSEEK).to_dict(), timeout=180.0)
+    return launch.run(expert.verify_2d, 4, ModelConfig(**DEEPSEEK).to_dict(), steps=3, timeout=300.0)
 
 
 def test_all_to_all_uneven_forward_and_backward(two):
@@ -98,6 +106,7 @@ def test_indivisible_experts_raise(two):
     assert all("n_experts=3" in r["indivisible"] for r in two)
     with pytest.raises(ValueError, match="n_experts"):  # before any process group exists
         expert.plan_for(dict(TINY, n_experts=4), ep=3)
+    assert all("tp=2" in r["tp_refused"] for r in two)  # this file composes ep with dp only
 
 
 def _check_verify(results, world):
@@ -121,3 +130,16 @@ def test_verify_2d_dp_by_ep(four):
     _check_verify(four, 4)
     assert [(r["coords"]["dp"], r["coords"]["ep"]) for r in four] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["bias_moved"] == pytest.approx(1e-2) for r in four)  # DeepSeek's bias did move, by gamma
+
+
+def test_dp_by_ep_trains_through_the_plan_mesh(four):
+    for r in four:
+        dp, ep = r["coords"]["dp"], r["coords"]["ep"]
+        # the groups come from ParallelPlan(dp=2, ep=2).mesh(): tokens travel inside a dp row, expert gradients
+        # are averaged down an ep column, every other gradient over all four replicas
+        assert r["groups"] == {"ep": [2 * dp, 2 * dp + 1], "dp": [ep, 2 + ep], "dp_ep": [0, 1, 2, 3]}, r
+        assert len(r["losses"]) == len(r["ref_losses"]) == 3 + 1   # before each step, and after the last
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"])) < 1e-5, r
+        assert r["max_grad_err"] < 1e-4 and r["weight_err"] < 1e-5 and r["final_bias_err"] < 1e-7, r
+        assert r["routing_equal_all_steps"], r
+        assert r["losses"][-1] < r["losses"][0] - 0.1  # three steps on one batch: it did train

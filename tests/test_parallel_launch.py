@@ -2,6 +2,8 @@
 accelerate, ZeRO-1, `minimoe train --nproc`), each against the single-process result."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import torch.distributed as dist
 from minimoe.cli import launch_processes
 from minimoe.parallel import data, launch
 from minimoe.parallel.comm import count_collectives, wire_cost
-from minimoe.parallel.plan import ARTICLE_PLAN, ParallelPlan
+from minimoe.parallel.plan import ARTICLE_PLAN, ParallelPlan, dp_ep_mesh
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
 
@@ -51,6 +53,43 @@ def _rank_and_world():
     return dist.get_rank(), dist.get_world_size()
 
 
+def _die_on_rank_one(how):
+    """Rank 1 dies without a Python exception while rank 0 waits for it in a collective."""
+    if dist.get_rank() == 1:
+        time.sleep(0.5)  # let rank 0 enter the all-reduce first
+        if how == "exit":
+            os._exit(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.ones(4)
+    dist.all_reduce(t)
+
+
+def _many_tensors(n, big_numel):
+    """A result of n small tensors and one large one, with values that say which rank and index made them."""
+    rank = dist.get_rank()
+    return {"many": [torch.full((3, 5), 1000.0 * rank + i) for i in range(n)],
+            "big": torch.arange(big_numel, dtype=torch.float32) + rank, "rank": rank}
+
+
+def _plan_mesh():
+    """ParallelPlan.mesh for plans with expert parallelism, and its refusals, on 2 processes."""
+    out = {}
+    for name, kwargs in (("plain", {}), ("checked", dict(n_experts=4))):
+        mesh = ParallelPlan(ep=2).mesh(**kwargs)
+        out[name] = (mesh.mesh_dim_names, tuple(mesh.shape), mesh["ep"].get_local_rank(),
+                     dist.get_process_group_ranks(mesh["ep"].get_group()),
+                     dist.get_process_group_ranks(dp_ep_mesh(mesh).get_group()), mesh["dp"].size())
+    for name, plan, kwargs in (("indivisible", ParallelPlan(ep=2), dict(n_experts=3)),
+                               ("dense", ParallelPlan(ep=2), dict(n_experts=0)),
+                               ("world", ParallelPlan(dp=2, ep=2), {})):
+        try:
+            plan.mesh(**kwargs)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # launcher and accounting
 
@@ -78,6 +117,26 @@ def test_a_hanging_rank_times_out():
     assert time.monotonic() - t0 < 20
 
 
+@pytest.mark.parametrize("how, reason", [("exit", "exit code 3"), ("kill", "signal SIGKILL")])
+def test_a_rank_that_dies_without_raising_is_named(how, reason):
+    # rank 0's "connection closed by peer" reaches the parent first; the run must still blame rank 1
+    t0 = time.monotonic()
+    with pytest.raises(launch.RankError, match=reason) as e:
+        launch.run(_die_on_rank_one, 2, how, timeout=60)
+    assert e.value.rank == 1 and time.monotonic() - t0 < 30
+    assert str(e.value).startswith("rank 1 ")
+
+
+def test_results_with_many_tensors_and_large_tensors_arrive_intact():
+    n, big = 100, 50 * 2 ** 20 // 4  # 100 tensors per rank, and 50 MB in one tensor
+    results = launch.run(_many_tensors, 2, n, big, timeout=120)
+    for rank, r in enumerate(results):
+        assert r["rank"] == rank and len(r["many"]) == n
+        assert all(torch.equal(t, torch.full((3, 5), 1000.0 * rank + i)) for i, t in enumerate(r["many"]))
+        assert r["big"].shape == (big,) and r["big"][0] == rank and r["big"][-1] == big - 1 + rank
+        assert torch.equal(r["big"], torch.arange(big, dtype=torch.float32) + rank)
+
+
 def test_launch_rejects_bad_arguments():
     with pytest.raises(ValueError, match="nproc"):
         launch.run(_rank_and_world, 0)
@@ -102,6 +161,7 @@ def test_plan_validation_before_any_process_group():
     assert ARTICLE_PLAN.world_size == 32 * 8 * 4 * 2 == 2048
     plan = ParallelPlan(dp=2, ep=2)
     assert plan.validate(4, n_experts=8) is plan
+    assert plan.data_parallel == 4 and ARTICLE_PLAN.data_parallel == 64  # ep ranks are data-parallel replicas too
     assert [plan.coords(r) for r in range(4)] == [{"pp": 0, "dp": d, "ep": e, "tp": 0} for d in (0, 1) for e in (0, 1)]
     with pytest.raises(ValueError, match="needs 4 processes, but the world size is 3"):
         plan.validate(3, n_experts=8)
@@ -116,6 +176,16 @@ def test_plan_validation_before_any_process_group():
     with pytest.raises(ValueError, match="tp must be a positive integer"):
         ParallelPlan(tp=0)
     assert not dist.is_initialized()
+
+
+def test_plan_mesh_with_expert_parallelism():
+    r0, r1 = launch.run(_plan_mesh, 2)
+    for rank, r in enumerate((r0, r1)):
+        for name in ("plain", "checked"):
+            assert r[name] == (("pp", "dp", "ep", "tp"), (1, 1, 2, 1), rank, [0, 1], [0, 1], 1), name
+        assert "n_experts=3 is not divisible by ep=2" in r["indivisible"]
+        assert "mixture-of-experts" in r["dense"]
+        assert "needs 4 processes, but the world size is 2" in r["world"]
 
 
 # -----------------------------------------------------------------------------
