@@ -228,9 +228,11 @@ CLAIMS: tuple[Claim, ...] = (
         article=("Listing: code-generation calls and an `evaluate_code` scoring compile rate, "
                  "algorithmic correctness and style"),
         ours=("`minimoe.evals.evaluate_code`: compile check, PEP 8 by pycodestyle, comment coverage, unit tests and "
-              "a fitted time complexity, with tests and timing run in a sandbox (resource limits, another user, no "
-              "network, an audit hook) that contains an infinite loop, a memory bomb, a fork bomb, writes outside "
-              "its folder, reading our environment and sockets; checked on four reference programs"),
+              "a fitted time complexity, with tests and timing run in a sandbox (a mount namespace where only its "
+              "own folder is writable, resource limits, another user, no network, an audit hook that only reports; "
+              "pass or fail decided by the parent from returned values) that contains an infinite loop, a memory "
+              "bomb, a fork bomb, writes outside its folder (also through libc), reading our environment and "
+              "sockets; checked on four reference programs"),
         where="04-applications/01-code-quality.ipynb", verdict="reproduced in kind",
         why=("The listing's `evaluate_code` has no body and would run generated code in the evaluating process; "
              "ours measures every column it names, and more, and runs nothing outside a sandbox."),

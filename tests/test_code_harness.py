@@ -47,7 +47,8 @@ def test_run_tests_scores_failures_with_reasons():
     assert (ok.passed, ok.total, ok.all_passed) == (2, 2, True)
     wrong = code.run_tests("def add(a, b):\n    return 5\n", codegen.TASKS_BY_NAME["add"].tests)
     assert wrong.passed == 1 and "AssertionError" in wrong.failures[0]
-    raising_test = "from solution import *\n\ndef test_a():\n    assert add(1, 1) == 2\n\ndef test_b():\n    1 / 0\n"
+    raising_test = "from solution import *\n\ndef test_a():\n    assert add(1, 1) == 2\n\ndef test_b():\n" \
+                   "    assert add(1, 1) / 0 == 1\n"
     r = code.run_tests("def add(a, b):\n    return a + b\n", raising_test)
     assert r.passed == 1 and "ZeroDivisionError" in r.failures[0]
     no_load = code.run_tests("raise RuntimeError('boom')\n", SORT.tests)
@@ -120,3 +121,112 @@ def test_model_samples_are_scored_without_crashing():
     assert [r["source"] for r in rows] == [r["source"] for r in again]  # seeded sampling
     with pytest.raises(ValueError, match="n must be"):
         codegen.sample_completions(model, "def f():\n", 0)
+
+
+# ---- the parent decides: a wrong solution cannot forge its verdict -------------------------------------------
+
+FORGERIES = {
+    "prints passing lines and exits": '''import json, os
+for i in range(4):
+    print(json.dumps({"test": f"test_{i}", "ok": True}), flush=True)
+    print(f"PASS test_{i}", flush=True)
+os._exit(0)
+''',
+    "writes junk to the result channel and exits": '''import os
+junk = b'{"case": 0, "value": "junk"}\\n{"case": 1, "value": "__import__(\\'os\\')"}\\n{"case": 2, "value": 7}\\n' \\
+       b'{"test": "test_3", "ok": true}\\nPASS\\n\\xff\\x00'
+for fd in range(3, 20):
+    try:
+        os.write(fd, junk)
+    except OSError:
+        pass
+os._exit(0)
+''',
+    "writes the right answers to the result channel, then lets the tests run": '''import os
+for k, value in enumerate([[1, 2, 3], [], [1, 5, 5], list(range(1, 21))]):
+    os.write(3, f'{{"case": {k}, "value": "{value!r}"}}\\n'.encode())
+
+
+def sort_items(items):
+    return None
+''',
+    "returns an object equal to everything": '''class Anything:
+    def __eq__(self, other):
+        return True
+
+    def __repr__(self):
+        return "Anything()"
+
+
+def sort_items(items):
+    return Anything()
+''',
+    "monkeypatches builtins and the runner's tools": '''import builtins, json, sys, traceback
+builtins.repr = lambda value: "True"
+json.dumps = lambda row, **kw: '{"test": "test_0", "ok": true}'
+traceback.extract_tb = lambda tb: []
+builtins.AssertionError = type("NeverRaised", (Exception,), {})
+
+
+def sort_items(items):
+    return None
+''',
+    "reads the expected values from the test file": '''import re
+
+
+def sort_items(items):
+    for name in ("tests.py", "../tests.py"):
+        try:
+            text = open(name).read()
+        except OSError:
+            continue
+        for args, expected in re.findall(r"sort_items\\((.*)\\) == (.*)", text):
+            if args == repr(items):
+                return eval(expected)
+    return None
+''',
+    "exits before the tests run": "raise SystemExit(0)\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_a_wrong_solution_cannot_forge_passing(name):
+    report = code.run_tests(FORGERIES[name], SORT.tests)
+    assert report.passed == 0 and report.total == 4 and not report.all_passed, report
+    assert len(report.failures) == 4
+
+
+def test_expected_values_stay_in_the_parent():
+    """What enters the sandbox holds the calls, never the expected values or the assert messages."""
+    tests = ("from solution import *\n\n\ndef test_a():\n    data = [3, 1, 2]\n"
+             "    assert sort_items(data) == [1, 2, 3], 'X'\n")
+    sent, names, checks = code.split_tests(tests)
+    assert names == ["test_a"] and "[1, 2, 3]" not in sent and "'X'" not in sent and "[3, 1, 2]" in sent
+    assert [(c.test, c.call, c.op, c.expected) for c in checks] == [("test_a", "sort_items(data)", "==", [1, 2, 3])]
+    assert len(sent.splitlines()) == len(tests.splitlines())  # line numbers in tracebacks still match
+
+
+@pytest.mark.parametrize("tests, reason", [
+    ("def test_a():\n    x = 1\n", "no top-level assert"),
+    ("def test_a():\n    for i in range(3):\n        assert f(i) == i\n", "inside"),
+    ("def test_a():\n    assert f(1) == g(1)\n", "literal"),
+    ("def test_a():\n    assert f([1]) == [1] and True\n", "outside the sandbox"),
+    ("def test_a():\n    assert not 0 < f(1) < 2\n", "no chains"),
+])
+def test_checks_the_parent_cannot_judge_are_refused(tests, reason):
+    report = code.run_tests("def f(x):\n    return x\n", tests)
+    assert report.total == 1 and report.passed == 0 and report.status == "error" and reason in report.reason
+
+
+def test_comparisons_are_made_here_with_python_semantics():
+    tests = ("from solution import *\n\n\ndef test_is():\n    assert is_even(4) is True\n\n\n"
+             "def test_not():\n    assert not is_even(7)\n\n\n"
+             "def test_lt():\n    assert abs(half(1) - 0.5) < 1e-9\n\n\n"
+             "def test_in():\n    assert 2 in evens(7)\n\n\ndef test_left():\n    assert 0.5 == half(1)\n")
+    right = "def is_even(n):\n    return n % 2 == 0\n\n\ndef half(x):\n    return x / 2\n\n\ndef evens(n):\n" \
+            "    return [i for i in range(n) if i % 2 == 0]\n"
+    report = code.run_tests(right, tests)
+    assert (report.passed, report.total) == (5, 5), report
+    wrong = "def is_even(n):\n    return 1\n\n\ndef half(x):\n    return x\n\n\ndef evens(n):\n    return [3]\n"
+    report = code.run_tests(wrong, tests)
+    assert report.passed == 0 and any("gave 1, expected is True" in f for f in report.failures), report

@@ -122,6 +122,16 @@ def test_network_namespace_alone_has_no_route():
 
 
 @pytest.mark.skipif(not CAPS["other_user"], reason="not root: the sandbox cannot switch users")
-def test_other_user_alone_cannot_read_our_environment():
-    r = sandbox.run(f"open('/proc/{os.getpid()}/environ').read()", OS_ONLY)
+def test_other_user_alone_cannot_read_our_environment(monkeypatch):
+    """Without namespaces (opted in) our /proc is visible, but `nobody` may not read our environment."""
+    monkeypatch.setattr(sandbox, "_isolation", lambda: (None, "namespaces switched off by the test"))
+    with pytest.warns(RuntimeWarning):
+        r = sandbox.run(f"open('/proc/{os.getpid()}/environ').read()",
+                        sandbox.Limits(timeout_s=3, audit_hook=False, allow_unisolated=True))
     assert r.status == "error" and "PermissionError" in r.reason
+
+
+@pytest.mark.skipif(not CAPS["pid_namespace"], reason="no pid namespace on this platform")
+def test_pid_namespace_alone_hides_our_processes():
+    r = sandbox.run(f"import os\nprint(os.path.exists('/proc/{os.getpid()}'), os.getpid() < 10)", OS_ONLY)
+    assert (r.status, r.stdout) == ("ok", "False True\n")

@@ -2,7 +2,9 @@
 working, sampling from our byte-level models, and the article's S3 table computed from the reports.
 
 A task is a function header with a docstring (the prompt, HumanEval-style), unit tests, and for the sort task an
-input generator for the complexity fit. A model's completion is cut at the first non-blank line that is not
+input generator for the complexity fit. Each test is one `assert CALL OP EXPECTED` with a literal EXPECTED: the
+harness runs CALL in the sandbox and compares here (``code.split_tests``), so the expected values never reach the
+program under test. A model's completion is cut at the first non-blank line that is not
 indented (the function ended), so the program scored is the prompt plus the model's body.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ _TOK = ByteTokenizer()
 class Task:
     name: str
     prompt: str  # def line + docstring: what the model continues
-    tests: str  # a test module: `from solution import *` and test_* functions
+    tests: str  # a test module: `from solution import *` and test_* functions, each `assert CALL == LITERAL`
     func: str
     make_input: str | None = None  # `def make_input(n)` for the complexity fit (only tasks where it means much)
 
@@ -39,7 +41,7 @@ def _task(name, signature, doc, checks, make_input=None) -> Task:
 
 SORT_INPUT = "import random\n\n\ndef make_input(n):\n    return random.Random(n).sample(range(10 * n), n)\n"
 SORT_TESTS = ["sort_items([3, 1, 2]) == [1, 2, 3]", "sort_items([]) == []", "sort_items([5, 5, 1]) == [1, 5, 5]",
-              "sort_items(list(range(50, 0, -1))) == list(range(1, 51))"]
+              f"sort_items(list(range(20, 0, -1))) == {list(range(1, 21))}"]
 TASKS = (
     _task("sort", "sort_items(items)", "Return a new list with the items in ascending order.", SORT_TESTS,
           SORT_INPUT),
