@@ -126,14 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
                                     "else mixed)")
     q.add_argument("--device", default="auto")
 
-    z = sub.add_parser("zoo", help="list, train or locate the named models the book uses",
-                       description="The zoo: named recipes trained on demand and cached in $MINIMOE_CACHE.")
+    z = sub.add_parser("zoo", help="list, train, verify or locate the named models the book uses",
+                       description="The zoo: named recipes trained on demand and cached in $MINIMOE_CACHE; "
+                                   "book-scale (shipped) recipes are trained once and their weights committed "
+                                   "under weights/ ($MINIMOE_WEIGHTS).")
     zsub = z.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser, metavar="ACTION")
-    zsub.add_parser("list", help="recipes and whether each is cached")
-    zt = zsub.add_parser("train", help="train a recipe into the cache")
-    zt.add_argument("name")
-    zt.add_argument("--force", action="store_true", help="retrain even if cached")
-    zp = zsub.add_parser("path", help="print a recipe's cache folder")
+    zsub.add_parser("list", help="recipes and whether each is cached (shipped: whether its weights verify)")
+    zt = zsub.add_parser("train", help="train a recipe into the cache, or a shipped recipe into weights/",
+                         description="Train a recipe into the cache; a shipped (book-scale) recipe is trained from "
+                                     "scratch and its bf16 weights and provenance written to weights/NAME/.")
+    zt.add_argument("name", nargs="?", help="the recipe (see `minimoe zoo list`)")
+    zt.add_argument("--scale", choices=["book"], help="book: every shipped recipe whose weights are missing")
+    zt.add_argument("--force", action="store_true", help="retrain even if cached, or replace shipped weights")
+    zt.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ...")
+    zt.add_argument("--quiet", action="store_true", help="no progress bar")
+    zv = zsub.add_parser("verify", help="check shipped weights against their hashes and recipes",
+                         description="Check every shipped recipe's weights (or NAME's): files present, SHA-256 as "
+                                     "recorded, trained for the recipe's current key. Exit status 1 on a failure.")
+    zv.add_argument("name", nargs="?", help="one shipped recipe (default: all of them)")
+    zv.add_argument("--check-steps", type=_positive_int, metavar="N",
+                    help="also train the first N steps again on the CPU and compare with the recorded losses")
+    zv.add_argument("--rel-tol", type=float, default=0.02,
+                    help="relative tolerance of --check-steps (default 0.02, for weights trained on a GPU in bf16)")
+    zp = zsub.add_parser("path", help="print a recipe's cache folder (shipped: its weights folder)")
     zp.add_argument("name")
 
     b = sub.add_parser("bench", help="benchmarks that print ratios measured in one run",
@@ -207,7 +222,7 @@ def main(argv=None) -> int:
     try:
         return {"train": _train, "generate": _generate, "zoo": _zoo, "bench": _bench,
                 "eval": _eval, "quantize": _quantize}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:  # bad input named by the library: one line, exit 2
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input named by the library: one line
         print(f"minimoe {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -394,12 +409,73 @@ def _zoo(args) -> int:
     from . import zoo
     if args.zoo_command == "list":
         for row in zoo.available():
-            print(f"{row['name']:<24} {'cached' if row['cached'] else 'not cached':<11} {row['description']}")
+            state = ("shipped" if row["cached"] else "no weights") if row["shipped"] else \
+                ("cached" if row["cached"] else "not cached")
+            print(f"{row['name']:<24} {state:<11} {row['description']}")
     elif args.zoo_command == "train":
-        print(zoo.train_recipe(args.name, force=args.force))
+        return _zoo_train(args)
+    elif args.zoo_command == "verify":
+        return _zoo_verify(args)
     else:
         print(zoo.path(args.name))
     return 0
+
+
+def _zoo_train(args) -> int:
+    from . import zoo
+    if (args.name is None) == (args.scale is None):
+        raise ValueError("give a recipe NAME or --scale book (every shipped recipe), not both or neither")
+    progress = not args.quiet
+    if args.scale == "book":
+        done = zoo.train_book(force=args.force, device=args.device, progress=progress)
+        if not done:
+            print("no shipped (book-scale) recipes are registered")
+        for name, folder in done.items():
+            print(f"{name}: {'trained, wrote ' + str(folder) if folder else 'weights present and verified, skipped'}")
+    elif zoo.recipe(args.name).shipped:
+        print(zoo.train_shipped(args.name, force=args.force, device=args.device, progress=progress))
+    else:
+        print(zoo.train_recipe(args.name, force=args.force, progress=progress, device=args.device))
+    return 0
+
+
+def _zoo_verify(args) -> int:
+    """Exit status 0 when every checked shipped folder verifies, 1 (with the reasons on stderr) otherwise."""
+    from . import weights, zoo
+    if args.name is not None and not zoo.recipe(args.name).shipped:
+        raise ValueError(f"{args.name!r} is not a shipped recipe: it has no committed weights to verify")
+    names = [args.name] if args.name else zoo.shipped_recipes()
+    failed = 0
+    for name in names:
+        r, folder = zoo.recipe(name), zoo.path(name)
+        try:
+            p = weights.verify_shipped(folder, r)
+            check = weights.check_against_recipe(folder, r, args.check_steps, args.rel_tol) \
+                if args.check_steps else None
+        except weights.ShippedWeightsError as e:
+            failed += 1
+            print(f"{name}: FAILED: {e}", file=sys.stderr)
+            continue
+        commit = (p["git"] or {}).get("commit", "outside git")[:12]
+        print(f"{name}: ok ({sum(f['bytes'] for f in p['files'].values()) / 1e6:.1f} MB {p['dtype']}, key "
+              f"{p['recipe_key']}, trained on {p['device']} at commit {commit})")
+        if check is not None:
+            failed += not check.ok
+            print(f"{name}: first {check.steps} losses retrained on the CPU: max difference {check.max_abs_diff:.3g} "
+                  f"({check.max_rel_diff:.2%}; tolerance {check.rel_tol:.2%}): {'ok' if check.ok else 'FAILED'}",
+                  file=sys.stdout if check.ok else sys.stderr)
+    root = weights.weights_dir()
+    known = set(zoo.shipped_recipes())
+    for stray in sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in known) if root.is_dir() else []:
+        print(f"warning: {root / stray} belongs to no shipped recipe", file=sys.stderr)
+    total = weights.shipped_bytes(root)
+    if total > weights.MAX_TOTAL_BYTES:
+        failed += 1
+        print(f"FAILED: the shipped weights in {root} take {total / 1e6:.1f} MB, over the "
+              f"{weights.MAX_TOTAL_BYTES / 1e6:.0f} MB limit", file=sys.stderr)
+    if not names:
+        print(f"no shipped (book-scale) recipes are registered; nothing to verify in {root}")
+    return 1 if failed else 0
 
 
 def _bench(args) -> int:

@@ -7,6 +7,11 @@
 The cache lives in $MINIMOE_CACHE (default ~/.cache/minimoe)/zoo/<name>-<key>/, where <key> hashes the
 recipe, the minimoe version and the Python version (the built-in corpus is that Python's standard library),
 so changing any of them trains afresh instead of silently reusing a stale model.
+
+A recipe with shipped=True is a book-scale model: too big to train on first use, so it is trained once
+(`minimoe zoo train NAME`, usually on a GPU) and its weights are committed under weights/NAME/ (see weights.py).
+zoo.load checks those files against their hashes and the recipe, and never trains: missing or stale weights are
+an error that says how to retrain them.
 """
 from __future__ import annotations
 
@@ -15,13 +20,14 @@ import hashlib
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .checkpoint import (CheckpointError, load_checkpoint, load_training_state, restore_rng_state, rng_state,
-                         verify_checkpoint)
+from . import __version__, weights
+from .checkpoint import (CheckpointError, checkpoint_folder, load_checkpoint, load_training_state,
+                         restore_rng_state, rng_state, verify_checkpoint)
 from .config import ModelConfig
 from .data import CORPORA, corpus_splits
 from .train import TrainConfig, train
@@ -34,6 +40,7 @@ class Recipe:
     model: dict   # ModelConfig fields
     train: dict   # TrainConfig fields
     corpus: str = "stdlib"  # a built-in corpus of minimoe.data.CORPORA
+    shipped: bool = False   # book-scale: trained once, weights committed under weights/<name> (see weights.py)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict({**self.model, "extra": {"recipe": self.name}})
@@ -42,6 +49,15 @@ class Recipe:
         return TrainConfig.from_dict({**self.train, "device": device})
 
     def key(self) -> str:
+        """12 hex digits of a hash of what makes the model: model and train fields, corpus, minimoe and Python.
+
+        A shipped recipe's key is the recipe alone: its committed weights stay valid across minimoe releases
+        and on every reader's Python (provenance.json records the versions they were trained with).
+        """
+        if self.shipped:
+            blob = json.dumps({"model": self.model, "train": self.train, "corpus": self.corpus, "shipped": True},
+                              sort_keys=True)
+            return hashlib.sha256(blob.encode()).hexdigest()[:12]
         fields = {"model": self.model, "train": self.train, "minimoe": __version__, "python": sys.version.split()[0]}
         if self.corpus != "stdlib":  # keeps the keys (and caches) of the stdlib recipes as they were
             fields["corpus"] = self.corpus
@@ -56,6 +72,8 @@ def register(recipe: Recipe) -> Recipe:
     if recipe.name in RECIPES:
         raise ValueError(f"a recipe named {recipe.name!r} is already registered")
     recipe.model_config(), recipe.train_config()  # validate now, not at first training
+    if not isinstance(recipe.shipped, bool):
+        raise ValueError(f"recipe {recipe.name!r}: shipped must be True or False, got {recipe.shipped!r}")
     if recipe.corpus not in CORPORA:
         raise ValueError(f"recipe {recipe.name!r}: unknown corpus {recipe.corpus!r}; built-in: {', '.join(CORPORA)}")
     RECIPES[recipe.name] = recipe
@@ -198,18 +216,36 @@ def recipe(name: str) -> Recipe:
 
 
 def path(name: str) -> Path:
+    """The recipe's cache folder; for a shipped recipe, its folder of committed weights."""
     r = recipe(name)
+    if r.shipped:
+        return weights.shipped_path(r.name)
     return cache_dir() / "zoo" / f"{r.name}-{r.key()}"
 
 
 def is_cached(name: str) -> bool:
-    """True when the cache holds the recipe trained to its last step."""
-    return _trained_steps(path(name)) >= recipe(name).train["steps"]
+    """True when the cache holds the recipe trained to its last step (a shipped recipe: its weights verify)."""
+    r = recipe(name)
+    if r.shipped:
+        try:
+            weights.verify_shipped(path(name), r)
+            return True
+        except weights.ShippedWeightsError:
+            return False
+    return _trained_steps(path(name)) >= r.train["steps"]
 
 
 def load(name: str, device: str = "cpu", train_if_missing: bool = True, progress: bool = True) -> ZooEntry:
-    """The trained zoo model `name` (training it first if it is not cached)."""
+    """The trained zoo model `name` (training it first if it is not cached).
+
+    A shipped recipe is loaded from its committed weights once they verify (weights.load_shipped), in fp32; it
+    is never trained here, whatever train_if_missing says: weights.ShippedWeightsError says how to retrain.
+    """
+    r = recipe(name)
     folder = path(name)
+    if r.shipped:
+        model, provenance = weights.load_shipped(folder, r, device=device)
+        return ZooEntry(name=name, model=model, history=weights.shipped_history(provenance), path=folder)
     with _lock(folder):
         if not is_cached(name):
             if not train_if_missing:
@@ -221,18 +257,21 @@ def load(name: str, device: str = "cpu", train_if_missing: bool = True, progress
     return ZooEntry(name=name, model=model, history=state["history"], path=folder)
 
 
-def train_recipe(name: str, force: bool = False, progress: bool = True) -> Path:
-    """Train `name` into the cache (again, with force=True)."""
+def train_recipe(name: str, force: bool = False, progress: bool = True, device: str = "auto") -> Path:
+    """Train `name` into the cache (again, with force=True). Shipped recipes: see train_shipped."""
+    if recipe(name).shipped:
+        raise ValueError(f"{name!r} is a shipped (book-scale) recipe: its weights are committed, not cached; "
+                         f"train them with `minimoe zoo train {name}` (zoo.train_shipped)")
     folder = path(name)
     with _lock(folder):
         if force or not is_cached(name):
-            _train(name, folder, progress)
+            _train(name, folder, progress, device)
     return folder
 
 
-def _train(name: str, folder: Path, progress: bool) -> None:
+def _train(name: str, folder: Path, progress: bool, device: str = "auto") -> None:
     r = recipe(name)
-    tc = r.train_config(device="auto")
+    tc = r.train_config(device=device)
     # an interrupted earlier training of the same recipe resumes where its last checkpoint stopped
     resume = 0 < _trained_steps(folder) < tc.steps
     # train() seeds torch, and a resume sets every generator to its checkpoint's: give the caller's random state
@@ -242,6 +281,54 @@ def _train(name: str, folder: Path, progress: bool) -> None:
         train(r.model_config(), tc, data=corpus_splits(r.corpus), out_dir=folder, resume=resume, progress=progress)
     finally:
         restore_rng_state(caller)
+
+
+def shipped_recipes() -> list[str]:
+    """The names of the shipped (book-scale) recipes, sorted."""
+    return sorted(n for n, r in RECIPES.items() if r.shipped)
+
+
+def train_shipped(name: str, force: bool = False, device: str = "auto", progress: bool = True) -> Path:
+    """Train the shipped recipe `name` from scratch and write its weights and provenance to path(name).
+
+    Refuses (FileExistsError) to replace weights that are there unless force=True. The weights are written in
+    bf16 (weights.write_shipped), atomically: an interrupted or failed run leaves the old ones. Leaves the
+    caller's random state alone. Returns the folder, whose files are then ready to commit.
+    """
+    r = recipe(name)
+    if not r.shipped:
+        raise ValueError(f"{name!r} is not a shipped recipe; train it into the cache with zoo.train_recipe "
+                         f"(`minimoe zoo train {name}`)")
+    folder = path(name)
+    if checkpoint_folder(folder).exists() and not force:
+        raise FileExistsError(f"{folder} already holds weights for {name!r}; pass force=True "
+                              f"(`minimoe zoo train {name} --force`) to train them again and replace them")
+    caller = rng_state()
+    try:
+        start = time.perf_counter()
+        result = train(r.model_config(), r.train_config(device=device), data=corpus_splits(r.corpus),
+                       progress=progress)
+        wall_time_s = time.perf_counter() - start
+    finally:
+        restore_rng_state(caller)
+    return weights.write_shipped(folder, result.model, r, result.history,
+                                 device=next(result.model.parameters()).device, wall_time_s=wall_time_s)
+
+
+def train_book(force: bool = False, device: str = "auto", progress: bool = True) -> dict[str, Path | None]:
+    """Train every shipped recipe whose weights are missing (all of them with force=True).
+
+    Returns {name: folder written, or None where verified weights were already there}. Weights that are there
+    but fail verification stop the call before anything trains: replace them with force=True.
+    """
+    todo = []
+    for name in shipped_recipes():
+        if force or not checkpoint_folder(path(name)).exists():
+            todo.append(name)
+        else:
+            weights.verify_shipped(path(name), recipe(name))  # raises, naming the file and the fix
+    return {name: train_shipped(name, force=force, device=device, progress=progress) if name in todo else None
+            for name in shipped_recipes()}
 
 
 def _trained_steps(folder: Path) -> int:
@@ -255,8 +342,8 @@ def _trained_steps(folder: Path) -> int:
 
 
 def available() -> list[dict]:
-    return [{"name": n, "description": r.description, "cached": is_cached(n), "path": str(path(n))}
-            for n, r in sorted(RECIPES.items())]
+    return [{"name": n, "description": r.description, "cached": is_cached(n), "path": str(path(n)),
+             "shipped": r.shipped} for n, r in sorted(RECIPES.items())]
 
 
 @contextmanager

@@ -56,7 +56,7 @@ TINY_ARGS = ["--d-model", 32, "--n-layers", 2, "--n-heads", 2, "--max-seq-len", 
 
 
 @pytest.mark.parametrize("argv", [
-    [], ["train"], ["generate"], ["zoo"], ["zoo", "list"], ["zoo", "train"], ["zoo", "path"],
+    [], ["train"], ["generate"], ["zoo"], ["zoo", "list"], ["zoo", "train"], ["zoo", "verify"], ["zoo", "path"],
     ["bench"], ["bench", "train"], ["bench", "decode"],
 ])
 def test_help(argv, capsys):
@@ -71,7 +71,7 @@ def test_help_lists_subcommands(capsys):
     for name in ("train", "generate", "zoo", "bench"):
         assert name in out
     _, out, _ = run(["zoo", "--help"], capsys)
-    for name in ("list", "train", "path"):
+    for name in ("list", "train", "verify", "path"):
         assert name in out
 
 
@@ -116,6 +116,11 @@ def _bad(tmp_path, text_files):
         "zoo unknown action": (["zoo", "fetch"], "fetch"),
         "zoo path unknown": (["zoo", "path", "no-such-model"], "dense-tiny"),
         "zoo train unknown": (["zoo", "train", "no-such-model"], "no-such-model"),
+        "zoo train nothing": (["zoo", "train"], "NAME"),
+        "zoo train name and scale": (["zoo", "train", "dense-tiny", "--scale", "book"], "not both"),
+        "zoo train unknown scale": (["zoo", "train", "--scale", "galaxy"], "galaxy"),
+        "zoo verify cached recipe": (["zoo", "verify", "dense-tiny"], "not a shipped recipe"),
+        "zoo verify unknown": (["zoo", "verify", "no-such-model"], "no-such-model"),
         "unknown schedule": (["train", "--out", out, "--schedule", "dynamic"], "dynamic"),
         "weights not pairs": (["train", "--out", out, "--domain-weights", "code"], "DOMAIN=WEIGHT"),
         "negative weight": (["train", "--out", out, "--domain-weights", "code=-1"], "domain_weights"),
@@ -242,6 +247,75 @@ def test_zoo_train_then_generate_by_name(tiny_recipe, cache, capsys):
     assert next(row for row in out.splitlines() if row.startswith(tiny_recipe.name)).split()[1] == "cached"
     code, out, err = run(["generate", tiny_recipe.name, "--max-new-tokens", 5, "--device", "cpu"], capsys)
     assert code == 0, err
+
+
+@pytest.fixture
+def shipped_recipe(monkeypatch, tiny_data, tmp_path):
+    """A tiny shipped recipe, its weights folder in a temporary $MINIMOE_WEIGHTS."""
+    monkeypatch.setattr(minimoe.data, "builtin_splits", lambda *a, **k: tiny_data)
+    monkeypatch.setenv("MINIMOE_WEIGHTS", str(tmp_path / "weights"))
+    r = zoo.register(zoo.Recipe("test-cli-shipped", "tiny shipped",
+                                dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=32),
+                                dict(steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3,
+                                     eval_batches=2), shipped=True))
+    yield r
+    zoo.RECIPES.pop(r.name, None)
+
+
+def test_zoo_verify_without_shipped_recipes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINIMOE_WEIGHTS", str(tmp_path / "weights"))
+    assert not zoo.shipped_recipes()
+    code, out, err = run(["zoo", "verify"], capsys)
+    assert code == 0, err
+    assert "no shipped" in out
+
+
+def test_zoo_train_and_verify_shipped_weights(shipped_recipe, tmp_path, capsys):
+    name, folder = shipped_recipe.name, tmp_path / "weights" / shipped_recipe.name
+    code, out, err = run(["zoo", "verify"], capsys)
+    assert code == 1 and "no shipped weights" in err and f"minimoe zoo train {name} --force" in err
+    _, out, _ = run(["zoo", "list"], capsys)
+    assert next(row for row in out.splitlines() if row.startswith(name)).split()[1:3] == ["no", "weights"]
+
+    code, out, err = run(["zoo", "train", "--scale", "book", "--device", "cpu", "--quiet"], capsys)
+    assert code == 0, err
+    assert f"{name}: trained, wrote {folder}" in out
+    code, out, err = run(["zoo", "train", "--scale", "book", "--quiet"], capsys)  # present: skipped
+    assert code == 0 and f"{name}: weights present and verified, skipped" in out
+    code, out, err = run(["zoo", "train", name, "--quiet"], capsys)
+    assert code == 2 and "--force" in err and err.count("\n") == 1
+    _, out, _ = run(["zoo", "list"], capsys)
+    assert next(row for row in out.splitlines() if row.startswith(name)).split()[1] == "shipped"
+    _, out, _ = run(["zoo", "path", name], capsys)
+    assert Path(out.strip()) == folder
+
+    for argv in (["zoo", "verify"], ["zoo", "verify", name, "--check-steps", 3]):
+        code, out, err = run(argv, capsys)
+        assert code == 0, err
+        assert out.startswith(f"{name}: ok") and "bfloat16" in out
+    assert "first 3 losses retrained on the CPU" in out and out.rstrip().endswith(": ok")
+    code, out, err = run(["generate", name, "--max-new-tokens", 4, "--device", "cpu"], capsys)
+    assert code == 0, err
+
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    code, out, err = run(["zoo", "verify", name], capsys)
+    assert code == 1
+    assert "model.safetensors" in err and f"minimoe zoo train {name} --force" in err
+    code, out, err = run(["zoo", "train", name, "--force", "--device", "cpu", "--quiet"], capsys)
+    assert code == 0, err
+    assert run(["zoo", "verify"], capsys)[0] == 0
+
+
+def test_train_book_models_script_is_the_cli(shipped_recipe, monkeypatch, capsys):
+    import runpy
+    calls = []
+    monkeypatch.setattr(zoo, "train_book", lambda **k: calls.append(k) or {})
+    monkeypatch.setattr(sys, "argv", ["train_book_models.py", "--force", "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / "scripts" / "train_book_models.py"), run_name="__main__")
+    assert e.value.code == 0
+    assert calls == [{"force": True, "device": "cpu", "progress": True}]
 
 
 # -----------------------------------------------------------------------------

@@ -273,3 +273,29 @@ def test_chapter2_recipes_match_their_studies(cache):
     tc = {n: zoo.recipe(n).train_config() for n in zoo.BATCH_RUNS.values()}
     assert len({t.steps * t.tokens_per_step for t in tc.values()}) == 1          # equal tokens
     assert {zoo.recipe(n).train_config().schedule for n in zoo.SCHEDULE_RUNS.values()} == set(zoo.SCHEDULE_RUNS)
+
+
+def test_shipped_flag_leaves_existing_keys_alone(monkeypatch):
+    """shipped=False is the default and keys (so cache folders) are what they were before the field existed; a
+    shipped recipe's key is the recipe alone, so committed weights survive a minimoe release or another Python."""
+    import hashlib
+    import json
+    import sys
+
+    def old_key(r):  # Recipe.key() as it was before shipped weights
+        fields = {"model": r.model, "train": r.train, "minimoe": zoo.__version__, "python": sys.version.split()[0]}
+        if r.corpus != "stdlib":
+            fields["corpus"] = r.corpus
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    assert all(not r.shipped and r.key() == old_key(r) for r in zoo.RECIPES.values())
+    plain = zoo.Recipe("k", "d", dict(TINY_MODEL), dict(TINY_TRAIN))
+    shipped = dataclasses.replace(plain, shipped=True)
+    assert shipped.key() != plain.key()
+    before = shipped.key(), plain.key()
+    monkeypatch.setattr(zoo, "__version__", "99.0")
+    monkeypatch.setattr(sys, "version", "3.99.0 (test)")
+    assert shipped.key() == before[0] and plain.key() != before[1]
+    assert dataclasses.replace(shipped, train={**TINY_TRAIN, "lr": 2e-2}).key() != before[0]
+    with pytest.raises(ValueError, match="shipped must be True or False"):
+        zoo.register(dataclasses.replace(plain, name="test-bad-shipped", shipped="yes"))
