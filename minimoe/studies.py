@@ -89,8 +89,9 @@ def suite_scores(name: str, n: int = 200, seed: int = 0, k: int = 4) -> dict:
 
     from . import __version__
     from .evals import AxisResult, evaluate_suite
+    from .evals.suite import SUITE_VERSION
     entry = zoo.load(name)
-    path = entry.path / f"evals-v{__version__}-n{n}-k{k}-s{seed}.json"
+    path = entry.path / f"evals-v{__version__}-suite{SUITE_VERSION}-n{n}-k{k}-s{seed}.json"
     if path.exists():
         return {axis: AxisResult(**{**d, "score_ci": tuple(d["score_ci"]), "value_ci": tuple(d["value_ci"])})
                 for axis, d in json.loads(path.read_text()).items()}

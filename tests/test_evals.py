@@ -209,3 +209,30 @@ def test_bad_arguments(tiny_model):
         evals.score_items(tiny_model, [Item("a", (" b", " c"), 0)], batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         evals.score_items(tiny_model, [])
+
+
+# -----------------------------------------------------------------------------
+# a model's preference for an extreme value must not push the reasoning axis below chance
+
+
+def test_reasoning_answers_take_every_rank_among_the_values_alike():
+    """Symmetric near misses (answer +- 1, 2, ...) put the answer in the middle of the candidate values, so a model
+    that always picks the smallest value scored 11 of 124 expression items (chance 31): below chance without
+    knowing anything. The answer's rank among the values is now uniform."""
+    got = evals.axis_items("reasoning", 400, seed=0)
+    ranks = evals.suite.answer_value_ranks(got)
+    assert len(ranks) > 150
+    for r in range(4):
+        share = ranks.count(r) / len(ranks)
+        assert 0.17 < share < 0.33, (r, share)
+
+
+@pytest.mark.parametrize("pick", [min, max])
+def test_a_model_that_prefers_an_extreme_value_is_at_chance(pick):
+    got = [it for it in evals.axis_items("reasoning", 400, seed=0) if it.source.startswith("arithmetic:expr:")]
+    favoured = [pick(it.candidates, key=int) for it in got]
+    stub = StubModel(512, [TOK.encode(it.prompt + c) for it, c in zip(got, favoured)])
+    scored = evals.score_items(stub, got)
+    assert scored["choices"] == [it.candidates.index(c) for it, c in zip(got, favoured)]  # the stub's preference
+    lo, hi = evals.wilson_interval(sum(scored["correct"]), scored["n"])
+    assert lo <= 0.25 <= hi, (sum(scored["correct"]), scored["n"])

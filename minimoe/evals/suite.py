@@ -47,6 +47,9 @@ from .. import synthetic
 from ..data import GENERATED_EXAMPLES, ByteTokenizer, _unit_hash, split_documents, stdlib_corpus
 
 AXES = ("language", "reasoning", "code", "dialogue", "knowledge")
+# bumped whenever the items change (2: the answer's rank among the reasoning candidates' values drawn uniformly),
+# so that scores cached by an earlier suite are never read as this one's
+SUITE_VERSION = 2
 
 # The corpus recipe of ``data.mixed_splits()`` (its defaults): which side of the split a document falls on.
 VAL_FRACTION = 0.05
@@ -320,10 +323,14 @@ def _language_items(n: int, seed: int, k: int) -> list[Item]:
 def _reasoning_items(n: int, seed: int, k: int) -> list[Item]:
     """Held-out arithmetic and comparison problems; the prompt ends just before the final answer.
 
-    Expressions: distractors are near misses of the right kind - answer +- 1, 2, 10, the operands of the last
-    step (one of them is the previous step's result), the last step done with another operator - preferring the
-    answer's number of digits. Comparison chains: the other names of the chain, then (for chains shorter than
-    k names) other names of the generator's list.
+    Expressions: distractors are near misses of the right kind - answer +- 1, 2, 3, 10, 20, the operands of the
+    last step (one of them is the previous step's result), the last step done with another operator - preferring
+    the answer's number of digits. The answer's place among the k candidate *values* is drawn uniformly (that
+    many distractors below it, the rest above): symmetric near misses would put the answer in the middle of the
+    values almost always, and a model with any preference for an extreme value (the smallest, the largest) would
+    then score *below* chance without knowing anything (the book-scale study found exactly that; see
+    `answer_value_ranks`). Comparison chains: the other names of the chain, then (for chains shorter than k
+    names) other names of the generator's list.
     """
     rng = random.Random(f"{seed}:reasoning")
     items = []
@@ -337,10 +344,29 @@ def _reasoning_items(n: int, seed: int, k: int) -> list[Item]:
         else:
             a, op, b = ex.prompt[:-2].rsplit(" ", 3)[-3:]
             a, b, r = int(a), int(b), int(ans)
-            near = [r + d for d in (1, -1, 2, -2, 10, -10, 3, -3, 20, -20)] + [a, b, a + b, a - b, a * b]
-            wrong = _pick_distractors(ans, [str(x) for x in near], k - 1, rng)
+            near = {r + d for d in (1, -1, 2, -2, 10, -10, 3, -3, 20, -20)} | {a, b, a + b, a - b, a * b}
+            below = rng.randrange(k)  # how many distractors lie below the answer: its rank among the values
+            lower = _pick_distractors(ans, [str(x) for x in near if x < r], below, rng)
+            upper = _pick_distractors(ans, [str(x) for x in near if x > r], k - 1 - len(lower), rng)
+            wrong = lower + upper
+            if len(wrong) < k - 1:  # too few values above the answer: the rest from below
+                wrong += _pick_distractors(ans, [str(x) for x in near if x < r and str(x) not in wrong],
+                                           k - 1 - len(wrong), rng)
         items.append(_make_item(ex.prompt, " " + ans, [" " + w for w in wrong], rng, f"arithmetic:{ex.key}"))
     return items
+
+
+def answer_value_ranks(items) -> list[int]:
+    """For numeric items: the answer's rank among its candidates' values (0 = the smallest). Uniform over
+    0..k-1 when a model that prefers an extreme value is at chance; see `_reasoning_items`."""
+    ranks = []
+    for it in items:
+        try:
+            values = [int(c) for c in it.candidates]
+        except ValueError:
+            continue
+        ranks.append(sorted(values).index(values[it.correct_index]))
+    return ranks
 
 
 def _dialogue_items(n: int, seed: int, k: int) -> list[Item]:
