@@ -167,6 +167,7 @@ def finetune_study(models: Sequence, constitution: Constitution, collect: Sequen
     models[i] on the clean (prompt, final output) pairs, and measure the tuned model on `items` with no wrapper
     (one draw, critiqued only). With `control`, the same training on the first drafts of the same prompts,
     unfiltered, tells what the revisions add over in-domain text alone.
+    A seed with no clean pair keeps its base model (pairs[i] == 0 says so).
     Returns {"pairs": [n per seed], "revisions": [summary per seed], "drafts": [...] or [], "samples": [...]}."""
     def compute():
         _warm_up(models, constitution, items, kw)
@@ -180,18 +181,18 @@ def finetune_study(models: Sequence, constitution: Constitution, collect: Sequen
             if control:
                 sets.append(("drafts", [(it.prompt, c.rounds[0].output) for it, c in clean]))
             for label, pairs in sets:
-                if not pairs:
-                    out[label].append(None)
-                    continue
+                # no clean pair: nothing to learn from, so this seed's "fine-tuned" model is the base model itself,
+                # measured as it is (a weak model can fail every prompt; the paired comparison stays defined)
                 tuned = fine_tune(model, pairs, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir) if pairs else model
                 plain = SelfCorrector(tuned, constitution, "resample", 1, **kw)
                 results = run_items(plain, items, seed=seed)
                 out[label].append(summarize(results, items, passed))
                 if label == "revisions":
                     out["samples"].append([c.output for c in results])
         return out
-    key = fingerprint("finetune", list(models), constitution, list(collect), list(items), passed, strategy,
+    # "finetune-2": a seed without pairs is measured (it was None before); older cached studies are not read
+    key = fingerprint("finetune-2", list(models), constitution, list(collect), list(items), passed, strategy,
                       max_rounds, steps, lr, batch_size, seq_len, control, sorted(kw.items()))
     return _cached(None if cache_dir is None else Path(cache_dir) / f"finetune-{key}.json", compute)
 

@@ -402,6 +402,22 @@ def test_studies_run_and_cache(tiny_model, tmp_path, monkeypatch):
     assert len(ft["pairs"]) == 1 and len(ft["revisions"]) == 1
 
 
+def test_a_seed_without_clean_pairs_keeps_its_base_model(tiny_model, monkeypatch):
+    """A weak model can fail every prompt it is asked to collect from: that seed has nothing to learn from, so its
+    "fine-tuned" model is the base model, measured as it is, and the study's per-seed lists stay complete."""
+    items = S.arithmetic_items(3)
+    never = C.Constitution([C.Principle("never", "nothing passes", C.max_length(chars=0))])
+    kw = dict(stop="\n", max_new_tokens=4, temperature=1.0)
+    monkeypatch.setattr(S, "fine_tune", lambda *a, **k: pytest.fail("fine-tuned on no pairs"))
+    ft = S.finetune_study([tiny_model, tiny_model], never, items, items, S.arithmetic_passed, max_rounds=2, steps=2,
+                          **kw)
+    assert ft["pairs"] == [0, 0]
+    assert all(s is not None for s in ft["revisions"] + ft["drafts"]) and len(ft["revisions"]) == 2
+    base = S.strategy_study([tiny_model, tiny_model], never, items, S.arithmetic_passed, strategies=("resample",),
+                            max_rounds=1, **kw)["resample"]
+    assert [s["violation_rate"] for s in ft["revisions"]] == [s["violation_rate_first"] for s in base]
+
+
 def test_arithmetic_task():
     items = S.arithmetic_items(5)
     assert items == S.arithmetic_items(5) and S.arithmetic_items(3, start=2) == items[2:]
