@@ -50,8 +50,8 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.dropout = cfg.dropout
         # qk_norm: RMSNorm over each head's query and key before rotary (Qwen3), which bounds the logits
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_rounding) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_rounding) if cfg.qk_norm else None
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -160,11 +160,11 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(cfg.d_model, H * self.qk_head_dim, bias=False)                # W_q
         else:
             self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)                   # W_dq
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, cfg.norm_rounding)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)          # W_uq, W_qr
         self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                             bias=False)                                           # W_dkv, W_kr
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps, cfg.norm_rounding)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                    bias=False)                                                    # W_uk, W_uv
         self.out = nn.Linear(H * cfg.v_head_dim, cfg.d_model, bias=False)                         # W_o

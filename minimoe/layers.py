@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import NORM_ROUNDINGS
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight   (Zhang & Sennrich, 2019). Checked against torch.nn.RMSNorm in the tests.
@@ -18,7 +20,7 @@ class RMSNorm(nn.Module):
     In fp32 the two are the same function (up to the last fp32 bit).
     """
 
-    ROUNDINGS = ("once", "before_weight")
+    ROUNDINGS = NORM_ROUNDINGS
 
     def __init__(self, dim: int, eps: float = 1e-5, rounding: str = "once"):
         super().__init__()

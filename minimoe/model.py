@@ -74,9 +74,6 @@ class MiniLM(nn.Module):
         moe_layers = set(config.moe_layers)
         self.blocks = nn.ModuleList(Block(config, moe=i in moe_layers) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_rounding)
-        for module in self.modules():  # the attention's own norms too (Qwen3's q/k norms, MLA's latent norms)
-            if isinstance(module, RMSNorm):
-                module.rounding = config.norm_rounding
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ROUTER_PRECISIONS
 from .grouped_experts import grouped_mm_available, grouped_swiglu, grouped_swiglu_mm
 from .layers import SwiGLU
 
@@ -36,9 +37,6 @@ class RouterOutput(NamedTuple):
 
 
 # ---- routers -------------------------------------------------------------------------------------
-
-ROUTER_PRECISIONS = ("fp32", "input")
-
 
 class FP32Router(nn.Module):
     """Base of the learned routers: which experts a token gets is decided in fp32, whatever the model's dtype.
