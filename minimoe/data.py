@@ -596,11 +596,53 @@ def mixed_splits(val_fraction: float = 0.05, seed: int = 0, n_generated: int = G
     return train, val
 
 
-CORPORA = {"stdlib": "builtin_splits", "mixed": "mixed_splits"}  # name -> the function of this module
+# -----------------------------------------------------------------------------
+# The corpus of the book-scale models (chapters 3, 4 and 6): the same five domains, more generated task data
+
+# Examples per generated domain. Generators are prefix-stable, so the first GENERATED_EXAMPLES of each are the
+# five-domain corpus's own, and every problem keeps its side of the split: the suite's held-out items stay held
+# out and its knowledge items stay trained. Why these sizes: at the book models' budget (about 10M tokens, a
+# quarter of them arithmetic) 40,000 arithmetic problems are each seen about once or twice, so the model learns
+# the procedure rather than the answers; 16,000 facts examples state each of the 1,200 facts about 13 times
+# per pass and are seen several passes, which is what recall needs; 16,000 chats (about 5 MB) are more than the
+# dialogue share ever repeats.
+BOOK_GENERATED = {"arithmetic": 40_000, "dialogue": 16_000, "facts": 16_000}
+
+
+def book_documents(seed: int = 0, max_files: int | None = None, progress: bool = False):
+    """(documents, CleaningReport): the cleaned stdlib corpus of mixed_documents plus BOOK_GENERATED examples of
+    each generated domain (a superset of mixed_documents' generated examples)."""
+    from .synthetic import synthetic_documents
+    docs, report = mixed_documents(n_generated=1, seed=seed, max_files=max_files, progress=progress)
+    docs = [d for d in docs if d.domain in ("code", "prose")]
+    for domain, n in BOOK_GENERATED.items():
+        docs += synthetic_documents(domains=(domain,), n_per_domain=n, seed=seed)
+    return docs, report
+
+
+@functools.lru_cache(maxsize=2)
+def book_splits(val_fraction: float = 0.05, seed: int = 0,
+                max_files: int | None = None) -> tuple[TokenDataset, TokenDataset]:
+    """(train, val) of the book-scale corpus (book_documents), split by source like mixed_splits; cached."""
+    if not (0.0 < val_fraction < 1.0):
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    path = _cache_path(val_fraction, seed, max_files, name="book", extra=tuple(sorted(BOOK_GENERATED.items())))
+    cached = _load_splits(path) if os.path.exists(path) else None
+    if cached is not None:
+        return cached["train"], cached["val"]
+    docs, _ = book_documents(seed, max_files)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    train, val = TokenDataset(train_docs), TokenDataset(val_docs)
+    _save_splits(path, {"train": train, "val": val})
+    return train, val
+
+
+CORPORA = {"stdlib": "builtin_splits", "mixed": "mixed_splits", "book": "book_splits"}  # name -> function here
 
 
 def corpus_splits(name: str = "stdlib") -> tuple[TokenDataset, TokenDataset]:
-    """The built-in corpus called `name`: "stdlib" (code and prose) or "mixed" (five domains)."""
+    """The built-in corpus called `name`: "stdlib" (code and prose), "mixed" (five domains) or "book" (the five
+    domains with more generated task data, for the book-scale models)."""
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; built-in corpora: {', '.join(CORPORA)}")
     return globals()[CORPORA[name]]()  # looked up at call time, so tests can substitute a tiny corpus

@@ -197,6 +197,48 @@ for _family, _runs in SCALING.items():
                             "five-domain corpus, uniform mixture (scaling study)")
 
 
+# ---- book scale (chapters 3, 4 and 6): models big enough to do the tasks the suite measures ----
+# Trained once (scripts/train_book_models.py) and shipped under weights/ (shipped=True): a dense model, a softmax
+# top-2 MoE and a DeepSeekMoE at equal active and equal total parameters, three seeds each, on the "book" corpus
+# (the five domains with more generated task data, data.BOOK_GENERATED) at a 512-byte context, which holds every
+# suite item whole. Every layer of both MoEs is sparse; per token each has 3d units of FFN width active like the
+# dense model (softmax: 2 of 8 experts 1.5d wide; DeepSeekMoE: 5 of 23 routed experts d/2 wide plus one shared
+# expert d/2 wide) and 12d in all. Why d = 96, 4 layers and 1,000 steps of 8,192 tokens (8.2M tokens): the CPU
+# that trains them (2 cores, one run per core) has about 20 minutes per run, and a sweep at equal CPU time
+# (scripts/book_sweep.py, records in book/03-evaluation/book-sweep/) put the 96-wide model ahead of the 128-wide
+# one on validation loss (1.286 against 1.309 after 300 s each), as the compute-optimal rule of about 20 tokens
+# per parameter predicts at this budget (0.5M parameters x 8.2M tokens, against 0.9M x 6M for d = 128).
+BOOK_MIX = {"arithmetic": 0.25, "dialogue": 0.2, "facts": 0.25, "code": 0.2, "prose": 0.1}
+BOOK_TRAIN = dict(batch_size=16, seq_len=512, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=10,
+                  domain_weights=BOOK_MIX)
+
+
+def book_model(d: int, family: str, n_layers: int = 4) -> dict:
+    """ModelConfig fields of a book-scale model of width d: family "dense", "MoE" or "DeepSeekMoE"."""
+    model = dict(d_model=d, n_layers=n_layers, n_heads=max(1, d // 32), max_seq_len=512, d_ff=3 * d)
+    if family == "MoE":
+        model.update(n_experts=8, top_k=2, moe_d_ff=3 * d // 2, router="softmax", aux_loss_coef=0.01)
+    elif family == "DeepSeekMoE":
+        model.update(n_experts=23, top_k=5, moe_d_ff=d // 2, n_shared_experts=1, router="deepseek",
+                     bias_update_speed=0.001)
+    elif family != "dense":
+        raise ValueError(f"family must be 'dense', 'MoE' or 'DeepSeekMoE', got {family!r}")
+    return model
+
+
+BOOK_WIDTH, BOOK_STEPS = 96, 1000
+BOOK_MODELS = {"dense": "book-dense", "MoE": "book-moe", "DeepSeekMoE": "book-dsmoe"}  # label -> recipe base
+for _label, _base in BOOK_MODELS.items():
+    for _seed, _name in zip(SEEDS, seed_names(_base)):
+        register(Recipe(
+            name=_name,
+            description=(f"book scale: 4-layer {BOOK_WIDTH}-wide {_label} model, context 512, "
+                         f"{BOOK_STEPS} steps x 8,192 tokens on the book corpus, seed {_seed}"),
+            model=book_model(BOOK_WIDTH, _label),
+            train={**BOOK_TRAIN, "steps": BOOK_STEPS, "warmup_steps": 50, "seed": _seed},
+            corpus="book", shipped=True))
+
+
 @dataclass
 class ZooEntry:
     name: str

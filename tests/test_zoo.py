@@ -288,7 +288,7 @@ def test_shipped_flag_leaves_existing_keys_alone(monkeypatch):
             fields["corpus"] = r.corpus
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
-    assert all(not r.shipped and r.key() == old_key(r) for r in zoo.RECIPES.values())
+    assert all(r.key() == old_key(r) for r in zoo.RECIPES.values() if not r.shipped)
     plain = zoo.Recipe("k", "d", dict(TINY_MODEL), dict(TINY_TRAIN))
     shipped = dataclasses.replace(plain, shipped=True)
     assert shipped.key() != plain.key()
