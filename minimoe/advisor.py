@@ -35,24 +35,34 @@ class Advice:
 
 def gather_evidence(n_replies: int = 10) -> dict[str, Fact]:
     """Measure (or read from the zoo's cached runs) every number the advisor uses. Takes seconds once the
-    chapters' models are cached."""
+    chapters' models are cached. Quality, knowledge, memory, latency and quantization are measured on the
+    book-scale models (zoo.BOOK_MODELS, chapter 3); the scaling trend on chapter 6's widths (zoo.SCALING)."""
     from . import scaling, studies, zoo
     from .bench_infer import cache_bytes_per_token, mla_config
     from .evals.scenarios import reply_latencies
     from .report import compare_seeds
 
-    dense_base, moe_base = zoo.DENSE_VS_MOE["dense"], zoo.DENSE_VS_MOE["MoE"]
+    # the book-scale models of chapter 3 (dense and DeepSeekMoE at equal active parameters, three seeds each)
+    dense_base, moe_base = zoo.BOOK_MODELS["dense"], zoo.BOOK_MODELS["DeepSeekMoE"]
     cmp = compare_seeds(studies.final_losses(dense_base), studies.final_losses(moe_base), ("dense", "MoE"))
+    know = compare_seeds([studies.suite_scores(n)["knowledge"].score for n in zoo.seed_names(dense_base)],
+                         [studies.suite_scores(n)["knowledge"].score for n in zoo.seed_names(moe_base)],
+                         ("dense", "MoE"))
     dense, moe = zoo.load(dense_base, progress=False).model.eval(), zoo.load(moe_base, progress=False).model.eval()
     lat = reply_latencies({"dense": dense, "MoE": moe}, n_replies=n_replies)
     fits = {f: scaling.bootstrap(scaling.scaling_points(f)) for f in zoo.SCALING}
     top = max(p["flops"] for p in scaling.scaling_points("dense"))
     adv = scaling.moe_advantage(fits["dense"], fits["MoE"], [top])[:, 0]
     cfg = dense.config
+    higher = {"tie": "tie", "dense lower": "MoE higher", "MoE lower": "dense higher"}[know["verdict"]]
     e = {
-        "quality per FLOP": Fact(cmp["verdict"], "", "02-training/03-dense-vs-moe.ipynb",
-                                 f"final validation loss, 3 seeds each: dense {cmp['mean_a']:.3f}, "
-                                 f"MoE {cmp['mean_b']:.3f} (spread {cmp['spread']:.3f})"),
+        "quality per FLOP": Fact(cmp["verdict"], "", "03-evaluation/01-capability-suite.ipynb",
+                                 f"book scale, final validation loss, 3 seeds each: dense {cmp['mean_a']:.3f}, "
+                                 f"DeepSeekMoE {cmp['mean_b']:.3f} (spread {cmp['spread']:.3f})"),
+        "knowledge, MoE vs dense": Fact(higher, "", "03-evaluation/01-capability-suite.ipynb",
+                                        f"book scale, knowledge score out of 10, 3 seeds each: dense "
+                                        f"{know['mean_a']:.2f}, DeepSeekMoE {know['mean_b']:.2f} "
+                                        f"(spread {know['spread']:.2f})"),
         "MoE stored / active": Fact(moe.num_parameters() / moe.num_active_parameters(), "x",
                                     "01-architecture/03-deepseekmoe.ipynb",
                                     f"{moe.num_parameters():,} stored, {moe.num_active_parameters():,} active"),
@@ -126,12 +136,13 @@ def advise(e: dict[str, Fact], memory_gb: float, latency_ms: float, batch_size: 
         moe = overhead < 1 and e["quality per FLOP"].value != "dense lower"
         why = (f"latency-bound; the MoE's batch-1 time is {overhead:.2f}x the dense model's"
                + (" and quality per FLOP is a tie" if e["quality per FLOP"].value == "tie" else ""))
-        facts = ["MoE / dense latency, batch 1", "quality per FLOP"]
+        facts = ["MoE / dense latency, batch 1", "quality per FLOP", "knowledge, MoE vs dense"]
     else:
         moe = moe_gain_low > 0
         why = ("throughput-bound; the fitted MoE advantage at our largest compute is "
                + ("positive" if moe else "not positive") + f" at the low end of its band ({moe_gain_low:+.1%})")
-        facts = ["MoE advantage at our largest compute", "quality per FLOP"]
+        facts = ["MoE advantage at our largest compute", "quality per FLOP", "knowledge, MoE vs dense"]
+    facts = [k for k in facts if k in e]  # evidence without a knowledge comparison still advises
     arch = "MoE" if moe else "dense"
     stored = active_params_b * (float(e["MoE stored / active"].value) if moe else 1.0)
     advice.append(Advice("architecture", arch, why, facts + (["MoE stored / active"] if moe else [])))

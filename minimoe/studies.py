@@ -82,7 +82,7 @@ def training_table(bases: dict[str, str]) -> list[dict]:
 
 
 def suite_scores(name: str, n: int = 200, seed: int = 0, k: int = 4) -> dict:
-    """minimoe.evals.evaluate_suite of the zoo model `name`, cached as JSON beside its checkpoint (a model's
+    """minimoe.evals.evaluate_suite of the zoo model `name`, cached as JSON in zoo.results_dir(name) (a model's
     scores depend only on its weights and the suite's settings, so the book's second build reads them)."""
     import dataclasses
     import json
@@ -91,7 +91,7 @@ def suite_scores(name: str, n: int = 200, seed: int = 0, k: int = 4) -> dict:
     from .evals import AxisResult, evaluate_suite
     from .evals.suite import SUITE_VERSION
     entry = zoo.load(name)
-    path = entry.path / f"evals-v{__version__}-suite{SUITE_VERSION}-n{n}-k{k}-s{seed}.json"
+    path = zoo.results_dir(name) / f"evals-v{__version__}-suite{SUITE_VERSION}-n{n}-k{k}-s{seed}.json"
     if path.exists():
         return {axis: AxisResult(**{**d, "score_ci": tuple(d["score_ci"]), "value_ci": tuple(d["value_ci"])})
                 for axis, d in json.loads(path.read_text()).items()}

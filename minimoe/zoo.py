@@ -265,6 +265,23 @@ def path(name: str) -> Path:
     return cache_dir() / "zoo" / f"{r.name}-{r.key()}"
 
 
+def results_dir(name: str) -> Path:
+    """Where measurements of the trained model `name` are cached (suite scores, quantized evaluations).
+
+    A cached recipe's own folder; for a shipped recipe a folder under cache_dir()/shipped named after the recipe
+    and the hash of its weights, so the committed weights folder stays exactly as trained and retrained weights
+    never meet the old weights' results.
+    """
+    r = recipe(name)
+    if not r.shipped:
+        return path(name)
+    provenance = json.loads((path(name) / weights.PROVENANCE).read_text())
+    sha = provenance["files"]["model.safetensors"]["sha256"][:12]
+    folder = cache_dir() / "shipped" / f"{r.name}-{r.key()}-{sha}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def is_cached(name: str) -> bool:
     """True when the cache holds the recipe trained to its last step (a shipped recipe: its weights verify)."""
     r = recipe(name)

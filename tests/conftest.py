@@ -88,3 +88,11 @@ def tiny_train_config() -> TrainConfig:
 def text_makers():
     """(make_code, make_prose): generators of deterministic code-like and English-like text."""
     return make_code, make_prose
+
+
+@pytest.fixture
+def without_book_recipes(monkeypatch):
+    """zoo.RECIPES without the registered shipped (book-scale) recipes, so that a test's own tiny shipped recipe
+    is the only one `zoo train --scale book`, zoo.train_book and `zoo verify` see (and nothing real trains)."""
+    from minimoe import zoo
+    monkeypatch.setattr(zoo, "RECIPES", {n: r for n, r in zoo.RECIPES.items() if not r.shipped})

@@ -250,7 +250,7 @@ def test_zoo_train_then_generate_by_name(tiny_recipe, cache, capsys):
 
 
 @pytest.fixture
-def shipped_recipe(monkeypatch, tiny_data, tmp_path):
+def shipped_recipe(monkeypatch, tiny_data, tmp_path, without_book_recipes):
     """A tiny shipped recipe, its weights folder in a temporary $MINIMOE_WEIGHTS."""
     monkeypatch.setattr(minimoe.data, "builtin_splits", lambda *a, **k: tiny_data)
     monkeypatch.setenv("MINIMOE_WEIGHTS", str(tmp_path / "weights"))
@@ -262,7 +262,7 @@ def shipped_recipe(monkeypatch, tiny_data, tmp_path):
     zoo.RECIPES.pop(r.name, None)
 
 
-def test_zoo_verify_without_shipped_recipes(tmp_path, monkeypatch, capsys):
+def test_zoo_verify_without_shipped_recipes(tmp_path, monkeypatch, capsys, without_book_recipes):
     monkeypatch.setenv("MINIMOE_WEIGHTS", str(tmp_path / "weights"))
     assert not zoo.shipped_recipes()
     code, out, err = run(["zoo", "verify"], capsys)

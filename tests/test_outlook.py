@@ -65,6 +65,7 @@ def _evidence(overhead=1.8, gain=(-0.02, 0.0, 0.02), quality="tie"):
     return {"quality per FLOP": Fact(quality, "", src, ""), "MoE stored / active": Fact(1.8, "x", src, ""),
             "MoE / dense latency, batch 1": Fact(overhead, "x", src, ""),
             "MoE advantage at our largest compute": Fact(gain, "", src, ""),
+            "knowledge, MoE vs dense": Fact("tie", "", src, ""),
             "int8 bits per weight": Fact(8.5, "bits", src, ""), "int8 bpb change": Fact(0.002, "", src, ""),
             "int4 g32 bits per weight": Fact(4.5, "bits", src, ""), "int4 g32 bpb change": Fact(0.02, "", src, "")}
 

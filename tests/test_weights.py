@@ -34,6 +34,7 @@ def trained(tmp_path_factory, tiny_data):
     results = []
     real_train = zoo.train
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zoo, "RECIPES", {n: r for n, r in zoo.RECIPES.items() if not r.shipped})
         mp.setenv("MINIMOE_WEIGHTS", str(root))
         mp.setattr(minimoe.data, "builtin_splits", lambda *a, **k: tiny_data)
         mp.setattr(zoo, "train", lambda *a, **k: results.append(real_train(*a, **k)) or results[-1])
@@ -47,7 +48,7 @@ def trained(tmp_path_factory, tiny_data):
 
 
 @pytest.fixture
-def shipped(trained, tmp_path, monkeypatch, tiny_data):
+def shipped(trained, tmp_path, monkeypatch, tiny_data, without_book_recipes):
     """A fresh copy of the trained weights in a temporary $MINIMOE_WEIGHTS, with TINY registered for the test."""
     folder, model = trained
     root = tmp_path / "weights"

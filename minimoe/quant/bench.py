@@ -165,7 +165,7 @@ def compression(qmodel: nn.Module, folder: str | Path | None = None) -> dict:
 
 def suite_scores(name: str, n: int = 200, seed: int = 0, k: int = 4, **quant) -> dict:
     """minimoe.evals.evaluate_suite of the zoo model `name` quantized with quantize(model, **quant) (plain
-    arguments only), cached as JSON beside its checkpoint as studies.suite_scores caches the float model's:
+    arguments only), cached as JSON in zoo.results_dir(name) as studies.suite_scores caches the float model's:
     RTN is deterministic, so the scores depend only on the weights, the scheme and the suite's settings."""
     import dataclasses
     import hashlib
@@ -176,7 +176,7 @@ def suite_scores(name: str, n: int = 200, seed: int = 0, k: int = 4, **quant) ->
     from .checkpoint import FORMAT
     key = hashlib.sha256(json.dumps({**quant, "format": FORMAT}, sort_keys=True).encode()).hexdigest()[:10]
     entry = zoo.load(name)
-    path = entry.path / f"evals-quant-{key}-v{__version__}-n{n}-k{k}-s{seed}.json"
+    path = zoo.results_dir(name) / f"evals-quant-{key}-v{__version__}-n{n}-k{k}-s{seed}.json"
     if path.exists():
         return {axis: AxisResult(**{**d, "score_ci": tuple(d["score_ci"]), "value_ci": tuple(d["value_ci"])})
                 for axis, d in json.loads(path.read_text()).items()}
