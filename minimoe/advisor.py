@@ -118,8 +118,8 @@ def advise(e: dict[str, Fact], memory_gb: float, latency_ms: float, batch_size: 
 
     Rules: (1) latency-bound serving (batch <= LATENCY_BOUND_BATCH or a target under 50 ms/token) takes the dense
     model when the measured MoE batch-1 overhead is above 1 and quality per FLOP is not better for the MoE;
-    throughput-bound serving takes the MoE only when the scaling fit's MoE advantage is positive beyond its
-    bootstrap band. (2) The precision is the highest whose weights fit HEADROOM of the memory (at most bf16 on GPUs,
+    throughput-bound serving takes the MoE when the scaling fit's MoE advantage is positive beyond its
+    bootstrap band, or when the MoE reaches a lower loss at equal FLOPs beyond the seed spread. (2) The precision is the highest whose weights fit HEADROOM of the memory (at most bf16 on GPUs,
     whose tensor cores run it natively; fp32 only on a CPU). (3) If the weights
     fit one device, replicate (data parallel); otherwise split: expert parallel for an MoE, tensor parallel for a
     dense model, over the devices the hardware has.
@@ -138,9 +138,12 @@ def advise(e: dict[str, Fact], memory_gb: float, latency_ms: float, batch_size: 
                + (" and quality per FLOP is a tie" if e["quality per FLOP"].value == "tie" else ""))
         facts = ["MoE / dense latency, batch 1", "quality per FLOP", "knowledge, MoE vs dense"]
     else:
-        moe = moe_gain_low > 0
+        lower_loss = e["quality per FLOP"].value == "MoE lower"
+        moe = moe_gain_low > 0 or lower_loss
         why = ("throughput-bound; the fitted MoE advantage at our largest compute is "
-               + ("positive" if moe else "not positive") + f" at the low end of its band ({moe_gain_low:+.1%})")
+               + ("positive" if moe_gain_low > 0 else "not positive") + f" at the low end of its band "
+               f"({moe_gain_low:+.1%})" + ("; at equal FLOPs the MoE reaches a lower loss beyond the seed spread"
+                                           if lower_loss else ""))
         facts = ["MoE advantage at our largest compute", "quality per FLOP", "knowledge, MoE vs dense"]
     facts = [k for k in facts if k in e]  # evidence without a knowledge comparison still advises
     arch = "MoE" if moe else "dense"
