@@ -119,8 +119,9 @@ def advise(e: dict[str, Fact], memory_gb: float, latency_ms: float, batch_size: 
     Rules: (1) latency-bound serving (batch <= LATENCY_BOUND_BATCH or a target under 50 ms/token) takes the dense
     model when the measured MoE batch-1 overhead is above 1 and quality per FLOP is not better for the MoE;
     throughput-bound serving takes the MoE when the scaling fit's MoE advantage is positive beyond its
-    bootstrap band, or when the MoE reaches a lower loss at equal FLOPs beyond the seed spread. (2) The precision is the highest whose weights fit HEADROOM of the memory (at most bf16 on GPUs,
-    whose tensor cores run it natively; fp32 only on a CPU). (3) If the weights
+    bootstrap band, or when the MoE reaches a lower loss at equal FLOPs beyond the seed spread. (2) The precision
+    is the highest whose weights fit HEADROOM of the memory (at most bf16 on GPUs, whose tensor cores run it
+    natively; fp32 only on a CPU). (3) If the weights
     fit one device, replicate (data parallel); otherwise split: expert parallel for an MoE, tensor parallel for a
     dense model, over the devices the hardware has.
     """

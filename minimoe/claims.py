@@ -223,9 +223,9 @@ CLAIMS: tuple[Claim, ...] = (
               "(24-25%) are ties at chance; dialogue latency goes to the dense model (25 ms p50 per reply against "
               "55 and 59 ms for the MoEs on a CPU)"),
         where="04-applications/02-scenario-matrix.ipynb", verdict="not measurable at this scale",
-        why=("Three of the four rows are capabilities our models do not have even at book scale (all at chance), so "
-             "no best fit exists there; the one row a small model can rank, latency, is measured. The article's own arrows "
-             "did not survive its page, and stood on no measurement."),
+        why=("Three of the four rows are capabilities our models do not have even at book scale (all at chance), "
+             "so no best fit exists there; the one row a small model can rank, latency, is measured. The "
+             "article's own arrows did not survive its page, and stood on no measurement."),
     ),
     Claim(
         id="S2", chapter=4,
@@ -252,9 +252,9 @@ CLAIMS: tuple[Claim, ...] = (
               "the controls give merge sort 100% / 100% / O(n log n) and insertion sort 86% PEP 8, 0% comments, "
               "O(n^2) (log-log slopes about 1.2 and 2.2)"),
         where="04-applications/01-code-quality.ipynb", verdict="not measurable at this scale",
-        why=("Our models write almost no code that parses (3 of 432). The article's table gives no prompts, sample counts, tests or "
-             "metric definitions, and its complexity column rates models, though only a correct program has a "
-             "time complexity."),
+        why=("Our models write almost no code that parses (3 of 432). The article's table gives no prompts, "
+             "sample counts, tests or metric definitions, and its complexity column rates models, though only a "
+             "correct program has a time complexity."),
     ),
     # -- Chapter 5: deployment cost (article section 5) -----------------------------------------
     Claim(
